@@ -5,3 +5,12 @@ Megatron integration in :mod:`megaquant.nn`, :mod:`megaquant.spec` and :mod:`meg
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: `import megaquant` (or megaquant.formats) must not pull in megatron-core.
+    if name == "quantize":
+        from megaquant.ptq import quantize
+
+        return quantize
+    raise AttributeError(f"module 'megaquant' has no attribute {name!r}")

@@ -1,0 +1,34 @@
+# Two entry points, each works on a fresh machine from a clean clone:
+#   make demo   - PTQ of the embedded SmolLM2-135M with the NVFP4 recipe on 2 processes
+#   make test   - the test suite
+# Both create .venv and install what they need. On machines without an NVIDIA GPU, torch==2.13.0
+# (a CPU wheel) is installed first so that pip never pulls a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+NPROC ?= 2
+RECIPE ?= nvfp4
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=$(NPROC) scripts/ptq.py +recipe=$(RECIPE)
+
+test: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/formats.py
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,93 @@
+"""Max calibration of a converted model: weights from themselves, activations from a forward loop.
+
+The steps, identical on every rank (so the collectives line up whatever the data did):
+
+1. Every static quantizer whose format has an amax enters ``calibrate`` mode. Weight quantizers
+   collect straight from their layer's weight tensors, so every weight (including an MoE expert
+   that never receives a token) gets an amax without any data.
+2. All other quantizers are switched off for the loop, so activation statistics are those of the
+   unquantized model (ModelOpt's convention).
+3. ``forward_loop(model)`` runs the calibration batches, unless only weights need statistics.
+4. Non-finite values seen on any rank raise on every rank (:func:`sync.check_finite`).
+5. amax values are MAX-reduced over the TP and DP groups by the rules in :mod:`megaquant.calib.sync`
+   and stored; quantizers return to their configured modes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from megaquant.calib.sync import SyncItem, check_finite, sync_amax
+from megaquant.nn.base import QuantModuleMixin
+from megaquant.quantizer import TensorQuantizer
+
+
+def _quantizers(layer: nn.Module):
+    for qname, q in layer.named_modules():
+        if isinstance(q, TensorQuantizer) and qname:
+            yield qname, qname.split(".")[0].rsplit("_quantizer", 1)[0], q
+
+
+def _plan(model: nn.Module):
+    """Items to calibrate (with their TP group) and the modes to restore afterwards."""
+    items, groups, restore = [], [], {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantModuleMixin):
+            continue
+        weights = {}
+        for qname, role, q in _quantizers(layer):
+            restore[q] = q.mode
+            if not (q.mode == "static" and q.fmt.needs_amax):
+                q.mode = "off"
+                continue
+            q.configure(q.fmt, "calibrate")
+            if role == "weight":
+                tensors = weights.setdefault(role, layer.calib_tensors(role))
+                index = int(qname.split(".")[1]) if "." in qname else 0
+                shape = tensors[index].shape if tensors else None
+                if tensors:
+                    q.collect(tensors[index])
+            else:
+                shape = None
+            axis = layer.partition_axes.get(role)
+            items.append(SyncItem(f"{name}.{qname}", q, axis, shape, role))
+            groups.append(getattr(layer, "tp_group", None))
+    return items, groups, restore
+
+
+def calibrate(
+    model: nn.Module,
+    forward_loop: Callable[[nn.Module], None] | None,
+    *,
+    dp_group=None,
+    world_group=None,
+) -> dict:
+    """Calibrate every static quantizer of ``model``; returns a small report dict.
+
+    ``dp_group``: the data-parallel group (None: no data parallelism). ``world_group``: the group
+    over which a non-finite value anywhere must stop everyone (None: the default group).
+    """
+    items, tp_groups, restore = _plan(model)
+    needs_data = any(i.role != "weight" for i in items)
+    if needs_data:
+        if forward_loop is None:
+            raise ValueError("this recipe calibrates activations: pass a forward_loop(model)")
+        with torch.no_grad():
+            forward_loop(model)
+    check_finite(items, world_group)
+    # Items are bucketed by their layer's TP group (experts may use an expert-TP group); every
+    # rank sees the same layers in the same order, so the buckets and their order agree.
+    buckets: dict[int, list[int]] = {}
+    for k, g in enumerate(tp_groups):
+        buckets.setdefault(id(g), []).append(k)
+    for idx in buckets.values():
+        amaxes = sync_amax([items[k] for k in idx], tp_groups[idx[0]], dp_group)
+        for k, amax in zip(idx, amaxes):
+            items[k].quantizer.load_amax(amax)
+    for q, mode in restore.items():
+        q.calibrator, q.mode = None, mode
+    return {"calibrated_quantizers": len(items), "used_forward_loop": needs_data}
+

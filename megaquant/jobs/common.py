@@ -1,0 +1,111 @@
+"""What the PTQ (and later QAT/export) jobs share: model sources, data, rank-0 output.
+
+A job config has ``model`` (source, path, seq_length, arch), ``parallel`` (tp, pp, ep) and ``data``
+(calib_text, eval_text, calib_samples, eval_samples, micro_batch) groups; see ``configs/``.
+Every check that can fail on bad input runs on every rank before any heavy work, so a typo
+fails fast everywhere instead of leaving some ranks waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaquant.models.gpt import GPTConfig
+
+MODEL_SOURCES = ("smollm2", "hf", "megatron", "random")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256), for randomly initialised test models."""
+
+    vocab_size = 256
+    bos_id = eos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@dataclass
+class LoadedModel:
+    """A model source resolved to an architecture, HF-named weights (or None) and a tokenizer."""
+
+    arch: GPTConfig
+    hf_state: dict[str, torch.Tensor] | None
+    tokenizer: Any
+    checkpoint: Path | None = None  # a megaquant/Megatron checkpoint to load after building
+
+
+def load_model_source(model_cfg: dict) -> LoadedModel:
+    """Resolve ``model.source`` (see MODEL_SOURCES) without building anything yet."""
+    source, seq = model_cfg.get("source"), int(model_cfg["seq_length"])
+    if source not in MODEL_SOURCES:
+        raise ValueError(f"unknown model.source {source!r}; valid: {MODEL_SOURCES}")
+    if source == "random":
+        if not model_cfg.get("arch"):
+            raise ValueError("model.source=random needs model.arch (see configs/model/tiny.yaml)")
+        arch = GPTConfig.from_dict({**model_cfg["arch"], "seq_length": seq, "name": "random GPT"})
+        return LoadedModel(arch, None, ByteTokenizer())
+    if source == "smollm2":
+        from megaquant.models.smollm2 import load_smollm2
+
+        arch, hf_state, tok = load_smollm2()
+        return LoadedModel(_arch(arch, seq, "SmolLM2-135M"), hf_state, tok)
+    path = Path(model_cfg.get("path") or "")
+    if not path.is_dir():
+        raise ValueError(f"model.path {str(path)!r} is not a directory (model.source={source})")
+    if source == "hf":
+        from megaquant.models.hf import read_hf_llama
+        from megaquant.tokenizer import tokenizer_from_hf_dir
+
+        arch, hf_state = read_hf_llama(path)
+        return LoadedModel(_arch(arch, seq, path.name), hf_state, tokenizer_from_hf_dir(path))
+    meta = json.loads((path / "megaquant.json").read_text()) if (path / "megaquant.json").exists() else {}
+    if "arch" not in meta:
+        raise ValueError(f"{path} has no megaquant.json with an 'arch': not a megaquant checkpoint")
+    return LoadedModel(GPTConfig.from_dict({**meta["arch"], "seq_length": seq}), None,
+                       ByteTokenizer() if meta["arch"]["vocab_size"] == 256 else None, path)
+
+
+def _arch(arch: dict, seq: int, name: str) -> GPTConfig:
+    return GPTConfig.from_dict({**arch, "seq_length": seq, "name": name})
+
+
+def resolve_text(path: str | None, default: str) -> Path:
+    """A configured text path (checked now), or the embedded default text."""
+    if path is None:
+        from megaquant import data
+
+        return getattr(data, default)()
+    p = Path(path).expanduser()
+    if not p.is_file():
+        key = "data.calib_text" if "calib" in default else "data.eval_text"
+        raise ValueError(f"{key}={path!r}: no such file; give a UTF-8 text file or null for the default")
+    return p
+
+
+def token_batches(path: Path, tokenizer, samples: int, seq_len: int, micro_batch: int,
+                  offset: int = 0) -> list[torch.Tensor]:
+    """[micro_batch, seq_len + 1] int64 token windows of a text (inputs plus shifted labels)."""
+    from megaquant.data import token_batches as windows
+
+    tokens = windows(path, tokenizer, samples, seq_len, offset=offset)
+    return list(tokens.split(micro_batch))
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)

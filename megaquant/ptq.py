@@ -1,0 +1,34 @@
+"""``megaquant.quantize``: convert a built model, configure it from a recipe, calibrate it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from megaquant.calib.calibrate import calibrate
+from megaquant.convert import ConversionReport, apply_recipe, convert_model
+from megaquant.recipe import Recipe, load_recipe
+
+
+def quantize(
+    model: nn.Module,
+    recipe: "str | dict | Recipe",
+    forward_loop: Callable[[nn.Module], None] | None = None,
+    *,
+    dp_group=None,
+    world_group=None,
+) -> ConversionReport:
+    """Quantize ``model`` in place and return what was converted and skipped.
+
+    ``recipe``: a built-in name (``"nvfp4"``), a YAML path, a mapping or a :class:`Recipe`.
+    ``forward_loop(model)`` runs calibration batches; it is only called when the recipe has
+    static activation scales. Process groups are explicit: each layer reduces over its own
+    ``tp_group``; pass ``dp_group`` when the job is data-parallel (the amax of every quantizer is
+    reduced over it), and ``world_group`` if the default group is not the whole job.
+    """
+    recipe = load_recipe(recipe)
+    report = convert_model(model, recipe)
+    apply_recipe(model, recipe, report)
+    report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group)
+    return report

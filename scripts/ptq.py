@@ -1,0 +1,25 @@
+"""Post-training quantization of a Megatron-Core model.
+
+    torchrun --nproc-per-node=2 scripts/ptq.py +recipe=nvfp4
+    torchrun --nproc-per-node=3 scripts/ptq.py +recipe=fp8 parallel.tp=3
+    python scripts/ptq.py +recipe=int8 model=tiny data.calib_samples=4
+
+Config: configs/ptq.yaml (groups model, parallel, data); recipes: recipes/*.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from megaquant.jobs.hydra import register_recipes
+from megaquant.jobs.ptq import run
+
+register_recipes()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="ptq")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
