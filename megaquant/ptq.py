@@ -32,3 +32,38 @@ def quantize(
     apply_recipe(model, recipe, report)
     report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group)
     return report
+
+
+def restore(model: nn.Module, recipe: "str | dict | Recipe") -> ConversionReport:
+    """Convert and configure ``model`` as :func:`quantize` would, without calibrating.
+
+    Static amax buffers are created with their final shapes (zeros), ready to be filled by
+    :func:`load_quantized` or ``load_state_dict``.
+    """
+    from megaquant.calib.calibrate import prime_amax
+
+    recipe = load_recipe(recipe)
+    report = convert_model(model, recipe)
+    apply_recipe(model, recipe, report)
+    prime_amax(model)
+    return report
+
+
+def load_quantized(model: nn.Module, directory) -> dict:
+    """Load a megaquant PTQ checkpoint (weights + quantizer state) into ``model`` at any TP size.
+
+    The recipe is read from the checkpoint's metadata; returns that metadata.
+    """
+    import json
+    from pathlib import Path
+
+    from megaquant.megatron.checkpoint import METADATA_FILE, load_checkpoint
+
+    meta_path = Path(directory) / METADATA_FILE
+    if not meta_path.exists():
+        raise ValueError(f"{directory} is not a megaquant checkpoint (no {METADATA_FILE})")
+    meta = json.loads(meta_path.read_text())["metadata"]
+    if "recipe_config" not in meta:
+        raise ValueError(f"{directory} holds no quantization recipe: load it with load_checkpoint")
+    restore(model, meta["recipe_config"])
+    return load_checkpoint(model, directory)

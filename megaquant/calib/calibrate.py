@@ -22,13 +22,6 @@ from torch import nn
 
 from megaquant.calib.sync import SyncItem, check_finite, sync_amax
 from megaquant.nn.base import QuantModuleMixin
-from megaquant.quantizer import TensorQuantizer
-
-
-def _quantizers(layer: nn.Module):
-    for qname, q in layer.named_modules():
-        if isinstance(q, TensorQuantizer) and qname:
-            yield qname, qname.split(".")[0].rsplit("_quantizer", 1)[0], q
 
 
 def _plan(model: nn.Module):
@@ -38,7 +31,7 @@ def _plan(model: nn.Module):
         if not isinstance(layer, QuantModuleMixin):
             continue
         weights = {}
-        for qname, role, q in _quantizers(layer):
+        for qname, role, q in layer.quantizers():
             restore[q] = q.mode
             if not (q.mode == "static" and q.fmt.needs_amax):
                 q.mode = "off"
@@ -91,3 +84,29 @@ def calibrate(
         q.calibrator, q.mode = None, mode
     return {"calibrated_quantizers": len(items), "used_forward_loop": needs_data}
 
+
+
+def prime_amax(model: nn.Module) -> int:
+    """Give every static quantizer an amax of the right shape (zeros) so a checkpoint can fill it.
+
+    Loading a distributed checkpoint needs the target tensors to exist with their final shapes;
+    a freshly converted model has empty amax buffers. Weight amax shapes come from the weights,
+    activation amax is per tensor. Returns the number of quantizers primed.
+    """
+    n = 0
+    for layer in model.modules():
+        if not isinstance(layer, QuantModuleMixin):
+            continue
+        for qname, role, q in layer.quantizers():
+            if q.mode != "static" or not q.fmt.needs_amax or q.has_amax:
+                continue
+            tensors = layer.calib_tensors(role)
+            if tensors:
+                index = int(qname.split(".")[1]) if "." in qname else 0
+                q.load_amax(q.fmt.compute_amax(torch.zeros_like(tensors[index])))
+            elif getattr(q.fmt, "axis", None) is None:
+                q.load_amax(torch.zeros(()))
+            else:
+                raise NotImplementedError(f"{q.name}: cannot restore a per-channel activation amax")
+            n += 1
+    return n

@@ -43,13 +43,22 @@ class SyncItem:
     role: str = "input"
 
 
+def sharded_amax_axis(fmt, partition_axis: int | None, ndim: int) -> int | None:
+    """The axis along which an amax is split over TP (None: the amax is shared by the group).
+
+    Only a per-channel amax whose channel axis is the tensor's partition axis stays sharded.
+    Checkpointing (megaquant.nn.base) uses the same answer to describe the amax's shards.
+    """
+    axis = getattr(fmt, "axis", None)
+    if axis is None or partition_axis is None:
+        return None
+    return axis % ndim if axis % ndim == partition_axis % ndim else None
+
+
 def tp_reduced(item: SyncItem) -> bool:
     """True when this quantizer's amax must be MAX-reduced over the tensor-parallel group."""
-    axis = getattr(item.quantizer.fmt, "axis", None)
-    if axis is None or item.partition_axis is None:
-        return True
     ndim = len(item.shape_hint) if item.shape_hint is not None else 2
-    return axis % ndim != item.partition_axis % ndim
+    return sharded_amax_axis(item.quantizer.fmt, item.partition_axis, ndim) is None
 
 
 def _local_amax(item: SyncItem) -> torch.Tensor:

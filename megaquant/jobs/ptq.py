@@ -78,14 +78,16 @@ def run(cfg: DictConfig) -> dict:
     t_setup = time.perf_counter()
     model = build_model(loaded, groups, cfg.run.build)
     seq, mb = int(cfg.model.seq_length), int(cfg.data.micro_batch)
-    calib = token_batches(calib_path, loaded.tokenizer, int(cfg.data.calib_samples), seq, mb)
+    # Calibration sees the same seq_length-token inputs as evaluation (which drops the last token).
+    calib = [b[:, :-1] for b in
+             token_batches(calib_path, loaded.tokenizer, int(cfg.data.calib_samples), seq, mb)]
     evals = token_batches(eval_path, loaded.tokenizer, int(cfg.data.eval_samples), seq, mb)
     t_loaded = time.perf_counter()
 
     loss_fp = evaluate_loss(model, evals, groups.dp_group)
     t_eval_fp = time.perf_counter()
     report = megaquant.quantize(
-        model, recipe, lambda m: run_forward(m, calib, groups.dp_group, desc="calibrate"),
+        model, recipe, lambda m: run_forward(m, calib, "calibrate", groups.dp_group),
         dp_group=groups.dp_group,
     )
     t_calib = time.perf_counter()
@@ -104,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
         "layers_quantized": sorted(report.enabled_quantizers),
         "layers_skipped": report.skipped,
         "quantizers_enabled": sum(len(v) for v in report.enabled_quantizers.values()),
-        "calibration": {**report.calibration, "tokens": sum(b.numel() - b.shape[0] for b in calib)
+        "calibration": {**report.calibration, "tokens": sum(b.numel() for b in calib)
                         if report.calibration["used_forward_loop"] else 0},
         "eval_tokens": sum(b.numel() - b.shape[0] for b in evals),
         "eval": {"loss_fp": loss_fp, "ppl_fp": _ppl(loss_fp),

@@ -15,6 +15,7 @@ all off until a recipe configures them. Roles are read from the attribute names
 
 from __future__ import annotations
 
+from megaquant.calib.sync import sharded_amax_axis
 from megaquant.quantizer import TensorQuantizer
 
 ROLES = ("input", "weight", "output")
@@ -41,3 +42,46 @@ class QuantModuleMixin:
         if role == "weight" and getattr(self, "weight", None) is not None:
             return [self.weight]
         return []
+
+    def quantizers(self):
+        """(attribute path, role, quantizer) for each quantizer of this layer."""
+        for qname, q in self.named_modules():
+            if isinstance(q, TensorQuantizer) and qname:
+                yield qname, qname.split(".")[0].rsplit("_quantizer", 1)[0], q
+
+    def _shard_quantizer_state(self, sharded: dict, prefix: str, sharded_offsets, metadata) -> dict:
+        """Fix up the quantizer entries of a parent's ``sharded_state_dict`` result.
+
+        The parent describes every extra buffer as replicated over TP, which is right for a
+        per-tensor amax (TP ranks agree after calibration) but wrong for a per-channel amax
+        split with the weight's output channels, and impossible for an amax that is still empty
+        (uncalibrated or dynamic): those entries are dropped.
+        """
+        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+        for qname, role, q in self.quantizers():
+            key = f"{prefix}{qname}.amax"
+            if key not in sharded:
+                continue
+            if not q.has_amax:
+                del sharded[key]
+                continue
+            axis = sharded_amax_axis(q.fmt, self.partition_axes.get(role), q.amax.dim())
+            if axis is None:
+                continue
+            sharded[key] = make_tp_sharded_tensor_for_checkpoint(
+                q.amax, key, tp_axis=axis, prepend_offsets=sharded_offsets,
+                tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+            )
+            if axis == 0 and self._is_gated_fc1(prefix):
+                # Each rank's fc1 rows are [gate_r; up_r]: describe the amax rows the way
+                # Megatron's MLP describes the fc1 weight, or resharding would mix gate and up.
+                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
+        return sharded
+
+    def _is_gated_fc1(self, prefix: str) -> bool:
+        # The same test Megatron's MLP.sharded_state_dict applies to its fc1 weight.
+        config = getattr(self, "config", None)
+        return bool(getattr(config, "gated_linear_unit", False)) and prefix.endswith("linear_fc1.")

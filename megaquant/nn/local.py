@@ -34,6 +34,10 @@ class _QuantParallelLinear(QuantModuleMixin):
         )
         return self.output_quantizer(out)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return self._shard_quantizer_state(sharded, prefix, sharded_offsets, metadata)
+
 
 class QuantColumnParallelLinear(_QuantParallelLinear, ColumnParallelLinear):
     """``ColumnParallelLinear`` with input/weight/output quantizers (same constructor)."""

@@ -1,0 +1,102 @@
+"""Calibration under tensor and data parallelism equals the single-process result.
+
+The same tiny GPT (TP=1 weights, sharded by hand into the TP=2 model) is quantized with several
+recipes at TP=1, TP=2 (with and without sequence parallelism) and DP=2. Every amax, gathered to
+its unsharded form, and the evaluation loss must match the TP=1 run. Calibration batches are
+split over DP ranks, so the DP=2 case also checks the DP reduction. Tolerances: amax values
+come from the same numbers up to the order of the row-parallel sums (rtol 1e-5); the losses
+are float32 forwards (atol 1e-4 on a loss of ~5.5).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed_utils import run_ranks
+
+RECIPES = ["nvfp4", "fp8_per_channel", "int8"]
+SEQ = 16
+
+
+def _batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
+
+
+def _full_amax(model, tp_group):
+    """Every amax, with TP-sharded per-channel ones all-gathered along their sharded axis."""
+    from megaquant.calib.sync import sharded_amax_axis
+    from megaquant.nn.base import QuantModuleMixin
+
+    out = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantModuleMixin):
+            continue
+        for qname, role, q in layer.quantizers():
+            if not q.has_amax:
+                continue
+            axis = sharded_amax_axis(q.fmt, layer.partition_axes.get(role), q.amax.dim())
+            amax = q.amax
+            if axis is not None and dist.get_world_size(tp_group) > 1:
+                parts = [torch.empty_like(amax) for _ in range(dist.get_world_size(tp_group))]
+                dist.all_gather(parts, amax.contiguous(), group=tp_group)
+                if "linear_fc1" in name and axis == 0:  # SwiGLU rows per rank: [gate_r; up_r]
+                    halves = [p.chunk(2, dim=0) for p in parts]
+                    parts = [h[0] for h in halves] + [h[1] for h in halves]
+                amax = torch.cat(parts, dim=axis)
+            out[f"{name}.{qname}"] = amax.clone()
+    return out
+
+
+def _quantize_all(groups, tp, sp, full_state):
+    import megaquant
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+    from megaquant.spec import get_spec_provider
+    from tests.sharding import shard_state_dict
+
+    cfg = tiny_gpt_config()
+    calib, evals = [b[:, :-1] for b in _batches(4, 1)], _batches(2, 2)  # SP: seq % tp == 0
+    results = {}
+    for recipe in RECIPES:
+        model = build_gpt_model(cfg, get_spec_provider("local"), tp_size=tp, sequence_parallel=sp)
+        shard_state_dict(model, full_state, groups.tp_rank, tp)
+        megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", groups.dp_group),
+                           dp_group=groups.dp_group)
+        results[recipe] = {"loss": evaluate_loss(model, evals, groups.dp_group),
+                           "amax": _full_amax(model, groups.tp_group)}
+    return results
+
+
+def _two_rank_layouts(full_state):
+    """On 2 ranks: TP=2, TP=2 with sequence parallelism, then DP=2 (one spawn for all three)."""
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
+    init_distributed(timeout_s=120)
+    out = {}
+    for layout, tp, sp in (("tp2", 2, False), ("tp2_sp", 2, True), ("dp2", 1, False)):
+        out[layout] = _quantize_all(init_model_parallel(tp=tp), tp, sp, full_state)
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_calibration_tp2_sp_and_dp2_match_single_process(megatron_single):
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+
+    torch.manual_seed(0)
+    model = build_gpt_model(tiny_gpt_config(), tp_size=1)
+    full = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    ref = _quantize_all(megatron_single, 1, False, full)
+    by_rank = run_ranks(_two_rank_layouts, 2, (full,), timeout_s=240)
+    runs = {layout: [r[layout] for r in by_rank] for layout in by_rank[0]}
+    for layout, ranks in runs.items():
+        for rank, res in enumerate(ranks):
+            for recipe in RECIPES:
+                got, want = res[recipe], ref[recipe]
+                assert got["amax"].keys() == want["amax"].keys(), (layout, recipe)
+                assert len(want["amax"]) > 0
+                for k in want["amax"]:
+                    torch.testing.assert_close(got["amax"][k], want["amax"][k], rtol=1e-5,
+                                               atol=0, msg=f"{layout} rank {rank} {recipe} {k}")
+                assert abs(got["loss"] - want["loss"]) < 1e-4, (layout, rank, recipe)
