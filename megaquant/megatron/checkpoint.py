@@ -1,0 +1,106 @@
+"""Save and load a Megatron model with ``dist_checkpointing``, atomically, at any TP layout.
+
+Format: the directory Megatron's ``dist_checkpointing.save`` writes (each rank writes the
+shards it owns, described by ``model.sharded_state_dict()``), plus ``megaquant.json`` with
+the caller's metadata, the megaquant version and the parallel layout it was saved at. Because
+shards carry their global offsets, ``load_checkpoint`` fills a model built at a different
+tensor-parallel size (saved at TP=2, loaded at TP=1, and back).
+
+Atomicity: ranks write into ``.<name>.partial`` beside the target; after a barrier rank 0
+renames the old checkpoint to ``.<name>.old``, the partial one into place, and deletes the
+old. A crash while writing leaves the previous checkpoint untouched; a crash between the two
+renames (two system calls) leaves it at ``.<name>.old``, which ``load_checkpoint`` names in
+its error. All ranks must see the same filesystem (as ``dist_checkpointing`` requires).
+
+On CPU the save/load runs inside ``portable.cpu_checkpoint_stand_ins()`` (no-op
+``torch.cuda.synchronize``, CPU ``current_device``); on GPU nothing is patched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+import megaquant
+from megaquant.megatron.portable import cpu_checkpoint_stand_ins
+
+METADATA_FILE = "megaquant.json"
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _siblings(target: Path) -> tuple[Path, Path]:
+    return target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str | Path, *,
+                    metadata: dict[str, Any]) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory once it is in place.
+
+    ``metadata`` must be JSON-serialisable (recipe name, data, ...); it is stored with the
+    megaquant version and the parallel layout under ``megaquant.json``.
+    """
+    target = Path(directory).absolute()
+    partial, old = _siblings(target)
+    record = {"megaquant_version": megaquant.__version__, "parallel": _layout(),
+              "metadata": metadata}
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        json.dumps(record)  # fail before writing anything if metadata is not JSON
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
+        partial.mkdir(parents=True)
+    dist.barrier()
+    with cpu_checkpoint_stand_ins():
+        dist_checkpointing.save(model.sharded_state_dict(), str(partial))
+    if rank0:
+        (partial / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    dist.barrier()  # every shard is on disk before the swap
+    if rank0:
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        partial.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody returns (and, say, loads) before the swap
+    return target
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The ``megaquant.json`` record of a checkpoint (version, layout, user metadata)."""
+    target = Path(directory)
+    path = target / METADATA_FILE
+    if not path.exists():
+        _, old = _siblings(target.absolute())
+        hint = (f"; a save was interrupted while swapping, the previous checkpoint is at {old}: "
+                f"rename it to {target}") if old.exists() else ""
+        raise FileNotFoundError(f"{path} not found: {target} is not a megaquant checkpoint{hint}")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> dict[str, Any]:
+    """Collective: load the checkpoint into ``model`` (built at any TP size); return metadata.
+
+    Returns the user ``metadata`` given to ``save_checkpoint``; the full record (version,
+    layout) is available from ``read_metadata``.
+    """
+    record = read_metadata(directory)
+    with cpu_checkpoint_stand_ins():
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    model.load_state_dict(state, strict=True)
+    return record["metadata"]

@@ -1,0 +1,275 @@
+"""Decoder-only GPT models (Llama / SmolLM2 family) built with Megatron-Core.
+
+Three pieces:
+
+* ``GPTConfig`` -- the architecture as a small typed dataclass (what a HF ``config.json``
+  says), checked on construction, with ``to_transformer_config(tp_size)`` producing Megatron's
+  ``TransformerConfig``.
+* ``gpt_layer_spec(backend)`` -- a ``TransformerLayer`` ``ModuleSpec`` whose linears, norms and
+  core attention all come from a ``BackendSpecProvider``. Quantization plugs in here: a provider
+  whose ``column_parallel_linear()`` returns a quantized ``ColumnParallelLinear`` subclass changes
+  every projection of the model without touching this file.
+* ``build_gpt_model(cfg, backend)`` -- the ``GPTModel`` (RoPE, untied or tied embeddings).
+
+On a machine without CUDA the core attention is ``megaquant.megatron.portable.SDPAttention``
+(Megatron's ``DotProductAttention`` is CUDA-only) and weights are initialised on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NORMS = ("RMSNorm", "LayerNorm")
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a decoder-only transformer with RoPE.
+
+    ``num_query_groups`` is the number of KV heads (GQA; equal to ``num_attention_heads`` for
+    plain multi-head attention). ``gated_linear_unit=True`` means SwiGLU (silu-gated MLP, the
+    fc1 weight holds gate and up projections). ``params_dtype`` is a name ("float32",
+    "bfloat16", "float16"); ``name`` only labels error messages.
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    seq_length: int
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    normalization: str = "RMSNorm"
+    gated_linear_unit: bool = True
+    add_bias_linear: bool = False
+    tie_embeddings: bool = False
+    params_dtype: str = "float32"
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.normalization not in _NORMS:
+            raise ValueError(f"normalization must be one of {_NORMS}, got {self.normalization!r}")
+        if self.params_dtype not in _DTYPES:
+            raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)}, "
+                             f"got {self.params_dtype!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be a multiple "
+                             f"of num_query_groups {self.num_query_groups}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GPTConfig":
+        """Build from a plain dict, refusing keys this config does not have."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys: {valid}")
+        return cls(**values)
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """TP splits attention heads, KV groups and the vocabulary: it must divide all three."""
+        heads, groups = self.num_attention_heads, self.num_query_groups
+        if heads % tp_size or groups % tp_size:
+            valid = [t for t in range(1, math.gcd(heads, groups) + 1)
+                     if heads % t == 0 and groups % t == 0]
+            raise ValueError(
+                f"{self.name} has {heads} heads and {groups} KV groups: tensor parallel must be "
+                f"{' or '.join(map(str, valid))}, got {tp_size}")
+        if self.vocab_size % tp_size:
+            raise ValueError(f"{self.name} vocab_size {self.vocab_size} is not divisible by "
+                             f"tensor parallel {tp_size}; pad the vocabulary to a multiple of it")
+
+    def to_transformer_config(self, tp_size: int, *, sequence_parallel: bool = False,
+                              **overrides: Any) -> TransformerConfig:
+        """Megatron ``TransformerConfig`` for this architecture at tensor parallel ``tp_size``.
+
+        CUDA-only fusions are off on CPU; ``overrides`` are passed to ``TransformerConfig``
+        last (e.g. ``num_moe_experts`` once MoE lands).
+        """
+        self.check_tensor_parallel(tp_size)
+        on_gpu = torch.cuda.is_available()
+        dtype = _DTYPES[self.params_dtype]
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.hidden_size // self.num_attention_heads,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=self.gated_linear_unit,
+            activation_func=F.silu if self.gated_linear_unit else F.gelu,
+            add_bias_linear=self.add_bias_linear,
+            init_method_std=self.init_method_std,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            tensor_model_parallel_size=tp_size,
+            sequence_parallel=sequence_parallel and tp_size > 1,
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu_initialization=not on_gpu,
+            # Fused kernels need CUDA (and apex/TE); the unfused paths give the same math.
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+def tiny_gpt_config(**changes: Any) -> GPTConfig:
+    """A 2-layer toy (hidden 64, 4 heads, 2 KV groups, SwiGLU ffn 128, vocab 256) for tests."""
+    base = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                num_query_groups=2, vocab_size=256, seq_length=32, name="tiny-gpt")
+    base.update(changes)
+    return GPTConfig.from_dict(base)
+
+
+def default_core_attention(backend: BackendSpecProvider) -> type:
+    """The backend's core attention on GPU; ``SDPAttention`` without CUDA."""
+    if torch.cuda.is_available():
+        return backend.core_attention()
+    from megaquant.megatron.portable import SDPAttention
+
+    return SDPAttention
+
+
+def backend_norm(backend: BackendSpecProvider, normalization: str) -> type:
+    """The backend's norm, except Megatron's torch fallback (no apex/TE, e.g. on CPU), which
+    refuses sequence parallelism: ``portable.TorchNorm`` is the same math and allows it."""
+    if normalization not in _NORMS:
+        raise ValueError(f"normalization must be one of {_NORMS}, got {normalization!r}")
+    norm = backend.layer_norm(rms_norm=normalization == "RMSNorm", for_qk=False)
+    if norm is WrappedTorchNorm:
+        from megaquant.megatron.portable import TorchNorm
+
+        return TorchNorm
+    return norm
+
+
+def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None) -> ModuleSpec:
+    """The MLP of a layer: dense now; an MoE spec (router + experts) slots in here later."""
+    if num_experts is not None:
+        raise NotImplementedError("MoE layers are not wired yet; use a dense config")
+    return ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=backend.column_parallel_linear(),
+                                 linear_fc2=backend.row_parallel_linear()),
+    )
+
+
+def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] = None, *,
+                   normalization: str = "RMSNorm", num_experts: Optional[int] = None
+                   ) -> ModuleSpec:
+    """A pre-norm ``TransformerLayer`` spec whose every submodule comes from ``backend``.
+
+    ``core_attention`` overrides the attention kernel (default: ``default_core_attention``).
+    Norms are separate modules (no fused layernorm-linear), so each linear is a plain
+    column/row-parallel module a quantized provider can replace.
+    """
+    norm = backend_norm(backend, normalization)
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_linear(),
+            core_attention=core_attention or default_core_attention(backend),
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp_spec(backend, num_experts),
+            mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys as TE's fused layernorm-linear names them, like Megatron's own
+            # local spec: checkpoints then load into either backend.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def gpt_block_spec(cfg: GPTConfig, backend: BackendSpecProvider,
+                   core_attention: Optional[type] = None) -> TransformerBlockSubmodules:
+    """All decoder layers plus the final norm, which must come from the same backend."""
+    layer = gpt_layer_spec(backend, core_attention, normalization=cfg.normalization)
+    return TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers,
+                                      layer_norm=backend_norm(backend, cfg.normalization))
+
+
+def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = None, *,
+                    pre_process: bool = True, post_process: bool = True,
+                    tp_size: Optional[int] = None, sequence_parallel: bool = False,
+                    pg_collection=None, core_attention: Optional[type] = None) -> GPTModel:
+    """Build the ``GPTModel`` for ``cfg`` with linears from ``backend`` (default: Megatron local).
+
+    ``tp_size`` defaults to the size of ``pg_collection.tp`` or, when no collection is given,
+    of Megatron's global TP group (set by ``megaquant.megatron.dist.init_model_parallel``).
+    """
+    backend = backend or LocalSpecProvider()
+    if not torch.cuda.is_available():
+        # Rotary embeddings and TP mappings allocate on torch.cuda.current_device(); make sure
+        # the CPU stand-in is in place even if init_model_parallel was bypassed (idempotent).
+        from megaquant.megatron.portable import enable_cpu_runtime
+
+        enable_cpu_runtime()
+    if tp_size is None:
+        if pg_collection is not None:
+            tp_size = pg_collection.tp.size()
+        else:
+            from megatron.core import parallel_state
+
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    config = cfg.to_transformer_config(tp_size, sequence_parallel=sequence_parallel)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_block_spec(cfg, backend, core_attention),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+        pg_collection=pg_collection,
+    )
