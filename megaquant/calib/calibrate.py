@@ -4,7 +4,7 @@ The steps, identical on every rank (so the collectives line up whatever the data
 
 1. Every static quantizer whose format has an amax enters ``calibrate`` mode. Weight quantizers
    collect straight from their layer's weight tensors, so every weight (including an MoE expert
-   that never receives a token) gets an amax without any data.
+   that never receives a token) gets an amax without any data, and then sit out the loop.
 2. All other quantizers are switched off for the loop, so activation statistics are those of the
    unquantized model (ModelOpt's convention).
 3. ``forward_loop(model)`` runs the calibration batches, unless only weights need statistics.
@@ -37,14 +37,16 @@ def _plan(model: nn.Module):
                 q.mode = "off"
                 continue
             q.configure(q.fmt, "calibrate")
+            shape = None
             if role == "weight":
                 tensors = weights.setdefault(role, layer.calib_tensors(role))
                 index = int(qname.split(".")[1]) if "." in qname else 0
-                shape = tensors[index].shape if tensors else None
                 if tensors:
+                    shape = tensors[index].shape
                     q.collect(tensors[index])
-            else:
-                shape = None
+                    # Collected once from the tensor itself; the loop need not recompute it
+                    # on every forward (the calibrator keeps the statistic while off).
+                    q.mode = "off"
             axis = layer.partition_axes.get(role)
             items.append(SyncItem(f"{name}.{qname}", q, axis, shape, role))
             groups.append(getattr(layer, "tp_group", None))

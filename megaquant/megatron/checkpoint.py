@@ -18,7 +18,9 @@ On CPU the save/load runs inside ``portable.cpu_checkpoint_stand_ins()`` (no-op
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import shutil
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, *,
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
         partial.mkdir(parents=True)
     dist.barrier()
-    with cpu_checkpoint_stand_ins():
+    with cpu_checkpoint_stand_ins(), _in_process_write_results():
         dist_checkpointing.save(model.sharded_state_dict(), str(partial))
     if rank0:
         (partial / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -79,6 +81,28 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, *,
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()  # nobody returns (and, say, loads) before the swap
     return target
+
+
+@contextlib.contextmanager
+def _in_process_write_results():
+    """Collect the writer's results in an in-process queue instead of a spawned Manager.
+
+    megatron-core's async filesystem writer creates its results queue with
+    ``mp.get_context("spawn").Manager()``: a server process that re-imports the main module
+    (megatron and all) on every first save, about 15 s on 2 cores. Our saves are synchronous
+    (the write runs in this process and puts its result here), so a plain queue carries the
+    same results. Restored on exit; a no-op on releases that drop the private global.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if not hasattr(fa, "_results_queue") or fa._results_queue is not None:
+        yield
+        return
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
