@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed_utils import run_ranks
+from tests.sharding import shard_state_dict
 
 ATOL = 1e-5  # logits ~ O(1) in float32; observed differences ~2e-7 (sum order in all-reduce)
 LOSS_TOL = 1e-6  # nats per token; observed ~2e-8
@@ -30,24 +31,6 @@ def _full_logits(model, tokens, tp_group):
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, local.contiguous(), group=tp_group)
     return torch.cat(parts, dim=-1)
-
-
-def _shard_into(model, full_state, tp_rank, tp):
-    """Copy a TP=1 state dict into a TP-sharded model (the independent reference sharding)."""
-    own = model.state_dict()
-    for name, shard in own.items():
-        if not isinstance(shard, torch.Tensor) or name.endswith("_extra_state"):
-            continue
-        full = full_state[name]
-        if full.shape == shard.shape:
-            shard.copy_(full)
-            continue
-        dim = next(d for d in range(full.dim()) if full.shape[d] == tp * shard.shape[d])
-        if "linear_fc1" in name:  # SwiGLU: [gate; up], each split across ranks
-            gate, up = full.chunk(2, dim=dim)
-            shard.copy_(torch.cat([gate.chunk(tp, dim)[tp_rank], up.chunk(tp, dim)[tp_rank]], dim))
-        else:
-            shard.copy_(full.chunk(tp, dim=dim)[tp_rank])
 
 
 def _reference_nll(logits, labels):
@@ -71,9 +54,9 @@ def _tp_worker():
     full_state = {k: v.clone() for k, v in ref.state_dict().items()
                   if isinstance(v, torch.Tensor)}
     for sp in (False, True):
-        g2 = init_model_parallel(tp=2, seed=99)  # other seed: weights must come from _shard_into
+        g2 = init_model_parallel(tp=2, seed=99)  # other seed: weights must come from shard_state_dict
         model = build_gpt_model(cfg, sequence_parallel=sp)
-        _shard_into(model, full_state, g2.tp_rank, 2)
+        shard_state_dict(model, full_state, g2.tp_rank, 2)
         diff = max((_full_logits(model, b[:, :-1], g2.tp_group) - r).abs().max().item()
                    for b, r in zip(batches, ref_logits))
         out[f"logit_diff_sp{int(sp)}"] = diff
