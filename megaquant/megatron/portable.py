@@ -287,3 +287,131 @@ def cpu_checkpoint_stand_ins() -> Iterator[None]:
         yield
     finally:
         torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts (see docs/moe.md)
+# --------------------------------------------------------------------------------------------
+#
+# Measured on megatron-core 0.16.1 with gloo: the allgather token dispatcher runs on CPU as is;
+# the router and the alltoall dispatcher need the two classes below. Both are spec choices
+# (megaquant.models.gpt.mlp_spec picks them when CUDA is unavailable), not patches.
+
+from megatron.core.transformer.moe import token_dispatcher as mcore_dispatch  # noqa: E402
+from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+
+
+class CPUTopKRouter(TopKRouter):
+    """``TopKRouter`` whose gate is a plain ``F.linear``; same routing, same parameters.
+
+    Megatron's ``gating`` moves the router weight to ``torch.cuda.current_device()`` and runs a
+    custom autograd GEMM that, without TE, names ``te_general_gemm`` and fails. The router
+    score is one small linear in ``moe_router_dtype`` (fp32/fp64 when set): we compute exactly
+    that. Routers stay unquantized (recipes exclude ``*router*``).
+    """
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            self.config.moe_router_dtype, input.dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(input.to(dtype), self.weight.to(dtype), bias)
+
+
+class _UnevenAllGather(torch.autograd.Function):
+    """All-gather along dim 0 with per-rank sizes, as one ``all_to_all_single`` (gloo has no
+    uneven all_gather). Backward sends each rank the gradient of its own slice, summed."""
+
+    @staticmethod
+    def forward(ctx, input_, group, output_split_sizes):
+        world = torch.distributed.get_world_size(group)
+        ctx.group, ctx.sizes, ctx.n = group, list(output_split_sizes), input_.shape[0]
+        out = input_.new_empty((sum(ctx.sizes), *input_.shape[1:]))
+        send = torch.cat([input_.contiguous()] * world)
+        torch.distributed.all_to_all_single(out, send, ctx.sizes, [ctx.n] * world, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = torch.distributed.get_world_size(ctx.group)
+        got = grad.new_empty((ctx.n * world, *grad.shape[1:]))
+        torch.distributed.all_to_all_single(got, grad.contiguous(), [ctx.n] * world, ctx.sizes,
+                                            group=ctx.group)
+        return got.view(world, ctx.n, *grad.shape[1:]).sum(0), None, None
+
+
+def _gather_uneven_ok(original):
+    """``gather_from_sequence_parallel_region`` that routes uneven gathers to ``_UnevenAllGather``."""
+
+    def gather(input_, tensor_parallel_output_grad=True, group=None, output_split_sizes=None,
+               use_global_buffer=False):
+        if output_split_sizes is None or group is None or group.size() == 1:
+            return original(input_, tensor_parallel_output_grad, group, output_split_sizes,
+                            use_global_buffer)
+        return _UnevenAllGather.apply(input_, group, [int(s) for s in output_split_sizes])
+
+    return gather
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+class CPUAlltoAllTokenDispatcher(mcore_dispatch.MoEAlltoAllTokenDispatcher):
+    """The alltoall token dispatcher on CPU/gloo; same token order, same results.
+
+    Three CUDA assumptions of the parent, each handled here:
+
+    * its constructor creates a class-wide ``torch.cuda.Stream()`` for device-to-host copies:
+      we construct it with a placeholder in that class attribute (restored afterwards);
+    * it keeps split sizes as tensors/NumPy arrays copied on that stream; gloo's
+      ``all_to_all_single`` wants Python lists, so ``_maybe_dtoh_and_synchronize`` converts
+      them (everything already lives on the CPU, no stream or event is needed);
+    * with expert-TP > 1 it all-gathers an uneven number of tokens per TP rank, which gloo
+      cannot; during ``dispatch_postprocess`` that gather goes through ``_UnevenAllGather``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        base = mcore_dispatch.MoEAlltoAllTokenDispatcher
+        with _patched(base, "cuda_dtoh_stream", base.cuda_dtoh_stream or object()):
+            super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def _as_list(value):
+        return value.tolist() if hasattr(value, "tolist") else value
+
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            self.input_splits = self._as_list(self.input_splits)
+            self.output_splits = self._as_list(self.output_splits)
+            self.output_splits_tp = (None if self.output_splits_tp is None
+                                     else torch.as_tensor(self.output_splits_tp))
+            if torch.is_tensor(self.num_out_tokens):
+                self.num_out_tokens = int(self.num_out_tokens)
+        return tokens_per_expert
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        gather = _gather_uneven_ok(mcore_dispatch.gather_from_sequence_parallel_region)
+        with _patched(mcore_dispatch, "gather_from_sequence_parallel_region", gather):
+            return super().dispatch_postprocess(global_input_tokens, global_probs)
+
+
+from megatron.core.transformer.moe import moe_layer as mcore_moe_layer  # noqa: E402
+
+
+class CPUMoELayer(mcore_moe_layer.MoELayer):
+    """``MoELayer`` whose alltoall dispatcher is :class:`CPUAlltoAllTokenDispatcher`.
+
+    ``MoELayer.__init__`` picks its dispatcher class by name from its own module; while it runs
+    we point that name at the CPU dispatcher (restored on every exit path). The allgather
+    dispatcher needs nothing and is left alone.
+    """
+
+    def __init__(self, *args, **kwargs):
+        with _patched(mcore_moe_layer, "MoEAlltoAllTokenDispatcher", CPUAlltoAllTokenDispatcher):
+            super().__init__(*args, **kwargs)

@@ -11,6 +11,10 @@ Three pieces:
   every projection of the model without touching this file.
 * ``build_gpt_model(cfg, backend)`` -- the ``GPTModel`` (RoPE, untied or tied embeddings).
 
+Mixture of experts: ``GPTConfig(num_moe_experts=E, ...)`` makes every layer's MLP a Megatron
+``MoELayer`` (top-k router, ``SequentialMLP`` local experts built from the same backend linears,
+optional shared experts, allgather or alltoall token dispatch); see ``mlp_spec`` and docs/moe.md.
+
 On a machine without CUDA the core attention is ``megaquant.megatron.portable.SDPAttention``
 (Megatron's ``DotProductAttention`` is CUDA-only) and weights are initialised on the CPU.
 """
@@ -39,6 +43,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NORMS = ("RMSNorm", "LayerNorm")
+_DISPATCHERS = ("allgather", "alltoall")
 
 
 @dataclass
@@ -49,6 +54,11 @@ class GPTConfig:
     plain multi-head attention). ``gated_linear_unit=True`` means SwiGLU (silu-gated MLP, the
     fc1 weight holds gate and up projections). ``params_dtype`` is a name ("float32",
     "bfloat16", "float16"); ``name`` only labels error messages.
+
+    MoE (all off when ``num_moe_experts`` is None): ``moe_router_topk`` experts per token,
+    ``moe_ffn_hidden_size`` per expert (default ``ffn_hidden_size``), ``moe_token_dispatcher``
+    "allgather" or "alltoall", ``moe_shared_expert_intermediate_size`` for an always-on shared
+    expert. Routing has no auxiliary loss (PTQ never trains the router).
     """
 
     num_layers: int
@@ -68,6 +78,11 @@ class GPTConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_token_dispatcher: str = "allgather"
+    moe_shared_expert_intermediate_size: Optional[int] = None
     name: str = "model"
 
     def __post_init__(self) -> None:
@@ -82,6 +97,34 @@ class GPTConfig:
         if self.num_attention_heads % self.num_query_groups != 0:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} must be a multiple "
                              f"of num_query_groups {self.num_query_groups}")
+        if self.num_moe_experts is not None:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_moe_experts < 1:
+            raise ValueError(f"num_moe_experts must be >= 1 (or null for a dense model), "
+                             f"got {self.num_moe_experts}")
+        if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+            raise ValueError(f"moe_router_topk must be in 1..num_moe_experts "
+                             f"({self.num_moe_experts}), got {self.moe_router_topk}")
+        if self.moe_token_dispatcher not in _DISPATCHERS:
+            raise ValueError(f"moe_token_dispatcher must be one of {_DISPATCHERS}, "
+                             f"got {self.moe_token_dispatcher!r}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def check_expert_parallel(self, ep_size: int) -> None:
+        """Expert parallelism splits the experts: it must divide their number."""
+        if ep_size == 1:
+            return
+        if not self.is_moe:
+            raise ValueError(f"{self.name} is dense: expert parallel must be 1, got {ep_size}")
+        if self.num_moe_experts % ep_size:
+            valid = [e for e in range(1, self.num_moe_experts + 1) if self.num_moe_experts % e == 0]
+            raise ValueError(f"{self.name} has {self.num_moe_experts} experts: expert parallel "
+                             f"must be one of {valid}, got {ep_size}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "GPTConfig":
@@ -105,12 +148,30 @@ class GPTConfig:
             raise ValueError(f"{self.name} vocab_size {self.vocab_size} is not divisible by "
                              f"tensor parallel {tp_size}; pad the vocabulary to a multiple of it")
 
+    def moe_transformer_kwargs(self, ep_size: int) -> dict[str, Any]:
+        """The ``TransformerConfig`` fields of the MoE part (empty for a dense model)."""
+        self.check_expert_parallel(ep_size)
+        if not self.is_moe:
+            return {}
+        return dict(
+            num_moe_experts=self.num_moe_experts,
+            moe_router_topk=self.moe_router_topk,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size or self.ffn_hidden_size,
+            moe_token_dispatcher_type=self.moe_token_dispatcher,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=False,
+            expert_model_parallel_size=ep_size,
+        )
+
     def to_transformer_config(self, tp_size: int, *, sequence_parallel: bool = False,
-                              **overrides: Any) -> TransformerConfig:
+                              ep_size: int = 1, **overrides: Any) -> TransformerConfig:
         """Megatron ``TransformerConfig`` for this architecture at tensor parallel ``tp_size``.
 
         CUDA-only fusions are off on CPU; ``overrides`` are passed to ``TransformerConfig``
-        last (e.g. ``num_moe_experts`` once MoE lands).
+        last. An MoE model with ``tp_size > 1`` always runs with sequence parallelism (Megatron
+        requires it for MoE under TP).
         """
         self.check_tensor_parallel(tp_size)
         on_gpu = torch.cuda.is_available()
@@ -131,7 +192,7 @@ class GPTConfig:
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             tensor_model_parallel_size=tp_size,
-            sequence_parallel=sequence_parallel and tp_size > 1,
+            sequence_parallel=(sequence_parallel or self.is_moe) and tp_size > 1,
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
@@ -144,6 +205,7 @@ class GPTConfig:
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
         )
+        kwargs.update(self.moe_transformer_kwargs(ep_size))
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
 
@@ -154,6 +216,13 @@ def tiny_gpt_config(**changes: Any) -> GPTConfig:
                 num_query_groups=2, vocab_size=256, seq_length=32, name="tiny-gpt")
     base.update(changes)
     return GPTConfig.from_dict(base)
+
+
+def tiny_moe_config(**changes: Any) -> GPTConfig:
+    """``tiny_gpt_config`` with 4 experts (top-2, expert ffn 64) in every layer, for tests."""
+    base = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, name="tiny-moe")
+    base.update(changes)
+    return tiny_gpt_config(**base)
 
 
 def default_core_attention(backend: BackendSpecProvider) -> type:
@@ -178,20 +247,39 @@ def backend_norm(backend: BackendSpecProvider, normalization: str) -> type:
     return norm
 
 
-def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None) -> ModuleSpec:
-    """The MLP of a layer: dense now; an MoE spec (router + experts) slots in here later."""
-    if num_experts is not None:
-        raise NotImplementedError("MoE layers are not wired yet; use a dense config")
-    return ModuleSpec(
-        module=MLP,
-        submodules=MLPSubmodules(linear_fc1=backend.column_parallel_linear(),
-                                 linear_fc2=backend.row_parallel_linear()),
-    )
+def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None, *,
+             shared_experts: bool = False) -> ModuleSpec:
+    """The MLP of a layer: a dense ``MLP``, or an ``MoELayer`` when ``num_experts`` is set.
+
+    MoE: a top-k router, ``SequentialMLP`` local experts (each an ``MLP`` whose linears are the
+    backend's column/row-parallel linears, built with ``is_expert=True`` on the expert-TP
+    group) and, with ``shared_experts``, a ``SharedExpertMLP`` on the same linears (quantized
+    like a dense MLP). Without CUDA the router and the MoE layer are the CPU twins from
+    ``megaquant.megatron.portable`` (same math; see its docstrings).
+    """
+    dense = MLPSubmodules(linear_fc1=backend.column_parallel_linear(),
+                          linear_fc2=backend.row_parallel_linear())
+    if num_experts is None:
+        return ModuleSpec(module=MLP, submodules=dense)
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+    layer, router = MoELayer, TopKRouter
+    if not torch.cuda.is_available():
+        from megaquant.megatron.portable import CPUMoELayer, CPUTopKRouter
+
+        layer, router = CPUMoELayer, CPUTopKRouter
+    experts = ModuleSpec(module=SequentialMLP, submodules=dense)
+    shared = ModuleSpec(module=SharedExpertMLP, submodules=dense) if shared_experts else None
+    return ModuleSpec(module=layer, submodules=MoESubmodules(experts=experts,
+                                                             shared_experts=shared, router=router))
 
 
 def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] = None, *,
-                   normalization: str = "RMSNorm", num_experts: Optional[int] = None
-                   ) -> ModuleSpec:
+                   normalization: str = "RMSNorm", num_experts: Optional[int] = None,
+                   shared_experts: bool = False) -> ModuleSpec:
     """A pre-norm ``TransformerLayer`` spec whose every submodule comes from ``backend``.
 
     ``core_attention`` overrides the attention kernel (default: ``default_core_attention``).
@@ -217,13 +305,14 @@ def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] 
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=mlp_spec(backend, num_experts),
+            mlp=mlp_spec(backend, num_experts, shared_experts=shared_experts),
             mlp_bda=get_bias_dropout_add,
             # Checkpoint keys as TE's fused layernorm-linear names them, like Megatron's own
             # local spec: checkpoints then load into either backend.
+            # (An MoE layer's pre-MLP norm is never fused, so it keeps its own name.)
             sharded_state_dict_keys_map={
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+                **({} if num_experts else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}),
             },
         ),
     )
@@ -232,7 +321,9 @@ def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] 
 def gpt_block_spec(cfg: GPTConfig, backend: BackendSpecProvider,
                    core_attention: Optional[type] = None) -> TransformerBlockSubmodules:
     """All decoder layers plus the final norm, which must come from the same backend."""
-    layer = gpt_layer_spec(backend, core_attention, normalization=cfg.normalization)
+    layer = gpt_layer_spec(backend, core_attention, normalization=cfg.normalization,
+                           num_experts=cfg.num_moe_experts,
+                           shared_experts=cfg.moe_shared_expert_intermediate_size is not None)
     return TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers,
                                       layer_norm=backend_norm(backend, cfg.normalization))
 
@@ -240,11 +331,13 @@ def gpt_block_spec(cfg: GPTConfig, backend: BackendSpecProvider,
 def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = None, *,
                     pre_process: bool = True, post_process: bool = True,
                     tp_size: Optional[int] = None, sequence_parallel: bool = False,
-                    pg_collection=None, core_attention: Optional[type] = None) -> GPTModel:
+                    pg_collection=None, core_attention: Optional[type] = None,
+                    ep_size: Optional[int] = None) -> GPTModel:
     """Build the ``GPTModel`` for ``cfg`` with linears from ``backend`` (default: Megatron local).
 
     ``tp_size`` defaults to the size of ``pg_collection.tp`` or, when no collection is given,
-    of Megatron's global TP group (set by ``megaquant.megatron.dist.init_model_parallel``).
+    of Megatron's global TP group (set by ``megaquant.megatron.dist.init_model_parallel``);
+    ``ep_size`` (MoE only) likewise from ``pg_collection.ep`` or the global EP group.
     """
     backend = backend or LocalSpecProvider()
     if not torch.cuda.is_available():
@@ -260,7 +353,10 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
             from megatron.core import parallel_state
 
             tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    config = cfg.to_transformer_config(tp_size, sequence_parallel=sequence_parallel)
+    if ep_size is None:
+        ep_size = _group_size(pg_collection, "ep") if cfg.is_moe else 1
+    config = cfg.to_transformer_config(tp_size, sequence_parallel=sequence_parallel,
+                                       ep_size=ep_size)
     return GPTModel(
         config=config,
         transformer_layer_spec=gpt_block_spec(cfg, backend, core_attention),
@@ -273,3 +369,13 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
         rotary_base=int(cfg.rotary_base),
         pg_collection=pg_collection,
     )
+
+
+def _group_size(pg_collection, name: str) -> int:
+    """Size of ``pg_collection.<name>`` or, without a collection, of Megatron's global group."""
+    if pg_collection is not None:
+        return getattr(pg_collection, name).size()
+    from megatron.core import parallel_state
+
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size,
+            "ep": parallel_state.get_expert_model_parallel_world_size}[name]()
