@@ -42,6 +42,22 @@ class LoadedModel:
     hf_state: dict[str, torch.Tensor] | None
     tokenizer: Any
     checkpoint: Path | None = None  # a megaquant/Megatron checkpoint to load after building
+    tokenizer_source: str = "bytes"  # recorded in checkpoints: "bytes" | "smollm2" | an HF dir
+
+
+def tokenizer_from_source(source: str):
+    """The tokenizer a checkpoint's metadata names (see LoadedModel.tokenizer_source)."""
+    if source == "bytes":
+        return ByteTokenizer()
+    if source == "smollm2":
+        from megaquant.models.gguf import read_gguf_metadata
+        from megaquant.models.smollm2 import smollm2_gguf_path
+        from megaquant.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path()))
+    from megaquant.tokenizer import tokenizer_from_hf_dir
+
+    return tokenizer_from_hf_dir(source)
 
 
 def load_model_source(model_cfg: dict) -> LoadedModel:
@@ -58,7 +74,7 @@ def load_model_source(model_cfg: dict) -> LoadedModel:
         from megaquant.models.smollm2 import load_smollm2
 
         arch, hf_state, tok = load_smollm2()
-        return LoadedModel(_arch(arch, seq, "SmolLM2-135M"), hf_state, tok)
+        return LoadedModel(_arch(arch, seq, "SmolLM2-135M"), hf_state, tok, None, "smollm2")
     path = Path(model_cfg.get("path") or "")
     if not path.is_dir():
         raise ValueError(f"model.path {str(path)!r} is not a directory (model.source={source})")
@@ -67,12 +83,17 @@ def load_model_source(model_cfg: dict) -> LoadedModel:
         from megaquant.tokenizer import tokenizer_from_hf_dir
 
         arch, hf_state = read_hf_llama(path)
-        return LoadedModel(_arch(arch, seq, path.name), hf_state, tokenizer_from_hf_dir(path))
-    meta = json.loads((path / "megaquant.json").read_text()) if (path / "megaquant.json").exists() else {}
+        return LoadedModel(_arch(arch, seq, path.name), hf_state, tokenizer_from_hf_dir(path),
+                           None, str(path.resolve()))
+    from megaquant.megatron.checkpoint import read_metadata
+
+    meta = read_metadata(path).get("metadata", {})
     if "arch" not in meta:
-        raise ValueError(f"{path} has no megaquant.json with an 'arch': not a megaquant checkpoint")
-    return LoadedModel(GPTConfig.from_dict({**meta["arch"], "seq_length": seq}), None,
-                       ByteTokenizer() if meta["arch"]["vocab_size"] == 256 else None, path)
+        raise ValueError(f"{path} records no model architecture ('arch' in megaquant.json): "
+                         "only checkpoints written by megaquant jobs can be used as model.source=megatron")
+    arch = GPTConfig.from_dict({**meta["arch"], "seq_length": seq})
+    source = meta.get("tokenizer", "bytes")
+    return LoadedModel(arch, None, tokenizer_from_source(source), path, source)
 
 
 def _arch(arch: dict, seq: int, name: str) -> GPTConfig:

@@ -49,7 +49,7 @@ def build_model(loaded, groups, build: str):
     elif loaded.checkpoint is not None:
         from megaquant.megatron.checkpoint import load_checkpoint
 
-        load_checkpoint(model, loaded.checkpoint / "checkpoint")
+        load_checkpoint(model, loaded.checkpoint)
     return model
 
 
@@ -120,7 +120,8 @@ def run(cfg: DictConfig) -> dict:
         from megaquant.megatron.checkpoint import save_checkpoint
 
         meta = {"recipe": recipe.name, "recipe_config": summary["recipe_config"],
-                "arch": summary["model"]["arch"], "parallel": summary["parallel"]}
+                "arch": summary["model"]["arch"], "parallel": summary["parallel"],
+                "tokenizer": loaded.tokenizer_source}
         save_checkpoint(model, out / "checkpoint", metadata=meta)
     summary["wall_s"]["total"] = time.perf_counter() - t_start
     if is_rank0():

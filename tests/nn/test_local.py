@@ -138,3 +138,22 @@ def test_nonfinite_activation_during_calibration_names_layer_and_batch(megatron_
 def test_calibration_recipe_without_forward_loop_is_an_error(megatron_single):
     with pytest.raises(ValueError, match="forward_loop"):
         megaquant.quantize(_tiny(megatron_single), "nvfp4")
+
+
+def test_quantized_gpt_layer_spec_builds_quantized_linears(megatron_single):
+    from megatron.core.models.gpt import GPTModel
+
+    from megaquant.models.gpt import tiny_gpt_config
+    from megaquant.nn.local import QuantColumnParallelLinear, QuantRowParallelLinear
+    from megaquant.spec import get_spec_provider, quantized_gpt_layer_spec
+
+    cfg = tiny_gpt_config()
+    model = GPTModel(config=cfg.to_transformer_config(1), transformer_layer_spec=quantized_gpt_layer_spec(),
+                     vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
+                     position_embedding_type="rope")
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attention.linear_qkv, QuantColumnParallelLinear)
+    assert isinstance(layer.mlp.linear_fc2, QuantRowParallelLinear)
+    assert all(q.mode == "off" for _, _, q in layer.mlp.linear_fc1.quantizers())
+    with pytest.raises(ValueError, match="valid"):
+        get_spec_provider("cuda")

@@ -1,0 +1,90 @@
+"""scripts/ptq.py end to end on the tiny model: outputs, summary, and fast failure on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _text(tmp_path, name="text.txt", repeat=200):
+    path = tmp_path / name
+    path.write_text("To be, or not to be, that is the question: " * repeat)
+    return path
+
+
+def _run(args, nproc=1, timeout=400):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "scripts/ptq.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-port=0", "scripts/ptq.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_args(tmp_path, recipe="fp8", *extra):
+    text = _text(tmp_path)
+    return [f"+recipe={recipe}", "model=tiny", f"data.calib_text={text}", f"data.eval_text={text}",
+            "data.calib_samples=4", "data.eval_samples=4", "data.micro_batch=2",
+            f"run.output_dir={tmp_path / 'out'}", *extra]
+
+
+@pytest.mark.timeout(300)
+def test_ptq_script_writes_checkpoint_summary_and_report(tmp_path):
+    res = _run(_tiny_args(tmp_path, "int8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == "int8" and summary["world_size"] == 1
+    assert len(summary["layers_quantized"]) == 8 and "output_layer" in summary["layers_skipped"]
+    assert summary["calibration"]["tokens"] == 4 * 64
+    e = summary["eval"]
+    assert e["loss_fp"] > 0 and e["loss_quant"] > 0 and e["ppl_ratio"] > 0
+    assert (out / "checkpoint" / "megaquant.json").exists()
+    assert "int8" in (out / "report.md").read_text()
+    # The saved checkpoint is itself a model source: same weights, so the same fp loss.
+    again = _run([a for a in _tiny_args(tmp_path, "fp8") if not a.startswith("model=")]
+                 + ["model=megatron", f"model.path={out / 'checkpoint'}", "model.seq_length=64",
+                    f"run.output_dir={tmp_path / 'again'}", "run.save_checkpoint=false"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    s2 = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert abs(s2["eval"]["loss_fp"] - e["loss_fp"]) < 1e-6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+recipe=nvfp5", "unknown recipe|Could not find 'recipe/nvfp5'"),
+    ("data.eval_text=/nonexistent/hamlet.txt", "data.eval_text"),
+    ("parallel.tp=3", "tensor parallel must be"),
+])
+@pytest.mark.timeout(200)
+def test_ptq_script_bad_input_fails_fast_with_a_remedy(tmp_path, override, message):
+    args = _tiny_args(tmp_path)
+    key = override.split("=")[0]
+    args = [a for a in args if not a.startswith(key + "=")] + [override]
+    res = _run(args)
+    assert res.returncode != 0
+    import re
+
+    assert re.search(message, res.stdout + res.stderr), (res.stdout + res.stderr)[-2000:]
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(400)
+def test_ptq_torchrun_dp2_matches_single_process(tmp_path):
+    single = _run(_tiny_args(tmp_path, "nvfp4", "run.save_checkpoint=false"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    s1 = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (tmp_path / "out" / "summary.json").unlink()
+    two = _run(_tiny_args(tmp_path, "nvfp4"), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s2 = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and s2["parallel"]["dp"] == 2
+    # Same data, split over two DP ranks: amax reduced over DP, loss averaged over tokens.
+    for key in ("loss_fp", "loss_quant"):
+        assert abs(s2["eval"][key] - s1["eval"][key]) < 1e-4, key
