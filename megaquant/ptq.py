@@ -6,6 +6,7 @@ from typing import Callable
 
 from torch import nn
 
+from megaquant.calib.algorithms import CalibConfig, apply_pins, check_recipe_roles, run_algorithm
 from megaquant.calib.calibrate import calibrate
 from megaquant.convert import ConversionReport, apply_recipe, convert_model
 from megaquant.recipe import Recipe, load_recipe
@@ -18,6 +19,7 @@ def quantize(
     *,
     dp_group=None,
     world_group=None,
+    calib: "str | dict | CalibConfig | None" = None,
 ) -> ConversionReport:
     """Quantize ``model`` in place and return what was converted and skipped.
 
@@ -26,12 +28,30 @@ def quantize(
     static activation scales. Process groups are explicit: each layer reduces over its own
     ``tp_group``; pass ``dp_group`` when the job is data-parallel (the amax of every quantizer is
     reduced over it), and ``world_group`` if the default group is not the whole job.
+
+    ``calib`` overrides the recipe's ``calib:`` section (``"gptq"``, ``{"algorithm": "awq",
+    "grid": 10}``; ``"max"`` for plain round-to-nearest). The algorithm runs before max
+    calibration and may rewrite weights and norms (:mod:`megaquant.calib.algorithms`); the amax
+    values it rounded with are stored after max calibration.
     """
     recipe = load_recipe(recipe)
+    algo = _calib_config(recipe, calib)
     report = convert_model(model, recipe)
     apply_recipe(model, recipe, report)
+    pins = run_algorithm(model, algo, forward_loop, dp_group)
     report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group)
+    apply_pins(pins)
+    report.calibration["algorithm"] = algo.algorithm
     return report
+
+
+def _calib_config(recipe: Recipe, calib) -> CalibConfig:
+    if calib is None:
+        return recipe.calib
+    algo = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(calib)
+    roles = [(role, cfg) for rule in recipe.rules for role, cfg in rule.roles.items()]
+    check_recipe_roles(algo, roles)
+    return algo
 
 
 def restore(model: nn.Module, recipe: "str | dict | Recipe") -> ConversionReport:

@@ -18,6 +18,15 @@ from each tensor) and the format's own options (``axis``, ``block_size``, ``dtyp
 name the valid ones; a rule whose pattern matches no layer is an error too (a typo would
 otherwise silently quantize nothing), while ``exclude`` patterns are allowed to miss because the
 defaults cover layers that only some models have.
+
+An optional ``calib:`` section picks the calibration algorithm run before max calibration
+(:mod:`megaquant.calib.algorithms`)::
+
+    calib: {algorithm: smoothquant, alpha: 0.5}   # max (default) | mse | smoothquant | awq | gptq
+
+Its options are validated by the algorithm, and an algorithm that does not suit the recipe's
+formats (SmoothQuant on a weight-only recipe, AWQ with quantized activations) is an error here,
+at config time, naming the valid combinations.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from megaquant.calib.algorithms import CalibConfig, check_recipe_roles, get_algorithm
 from megaquant.formats import QuantFormat, get_format
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -116,6 +126,17 @@ class Recipe:
     rules: tuple[Rule, ...]
     exclude: tuple[str, ...] = tuple(DEFAULT_EXCLUDE)
     description: str = ""
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.calib, CalibConfig):
+            raise TypeError(f"recipe {self.name!r}: calib must be a CalibConfig, got "
+                            f"{type(self.calib).__name__}; use CalibConfig.from_dict(...)")
+        roles = [(role, cfg) for rule in self.rules for role, cfg in rule.roles.items()]
+        try:
+            check_recipe_roles(self.calib, roles)
+        except ValueError as e:
+            raise ValueError(f"recipe {self.name!r}: {e}") from e
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -129,6 +150,7 @@ class Recipe:
             rules=tuple(Rule.from_dict(r, f"recipe {name!r} rules[{i}]") for i, r in enumerate(rules)),
             exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
             description=d.get("description", ""),
+            calib=CalibConfig.from_dict(d.get("calib"), f"recipe {name!r} calib"),
         )
 
     def is_excluded(self, name: str) -> str | None:
@@ -145,7 +167,11 @@ class Recipe:
 
     @property
     def needs_calibration_data(self) -> bool:
-        """Whether any static activation/output quantizer with an amax needs a forward loop."""
+        """Whether a forward loop is needed: a static activation/output quantizer with an amax,
+        or a calibration algorithm that reads activations (SmoothQuant, AWQ, GPTQ)."""
+        algo = get_algorithm(self.calib.algorithm)
+        if algo is not None and algo.NEEDS_DATA:
+            return True
         return any(
             cfg is not None and cfg.amax == "static" and cfg.build_format().needs_amax
             for rule in self.rules

@@ -9,8 +9,9 @@ The steps, identical on every rank (so the collectives line up whatever the data
    unquantized model (ModelOpt's convention).
 3. ``forward_loop(model)`` runs the calibration batches, unless only weights need statistics.
 4. Non-finite values seen on any rank raise on every rank (:func:`sync.check_finite`).
-5. amax values are MAX-reduced over the TP and DP groups by the rules in :mod:`megaquant.calib.sync`
-   and stored; quantizers return to their configured modes.
+5. amax values are MAX-reduced over the TP and DP groups (for routed experts: expert-TP,
+   expert-DP and, for input scales only, EP) by the rules in :mod:`megaquant.calib.sync` and
+   stored; quantizers return to their configured modes.
 """
 
 from __future__ import annotations
@@ -20,13 +21,49 @@ from typing import Callable
 import torch
 from torch import nn
 
-from megaquant.calib.sync import SyncItem, check_finite, sync_amax
+from megaquant.calib.sync import SyncItem, check_finite, sync_all
 from megaquant.nn.base import QuantModuleMixin
 
 
-def _plan(model: nn.Module):
-    """Items to calibrate (with their TP group) and the modes to restore afterwards."""
-    items, groups, restore = [], [], {}
+def _expert_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Name of each routed-expert linear -> (name, module) of the experts module holding it.
+
+    Experts modules (Megatron's ``SequentialMLP`` and ``TEGroupedMLP``) are recognised by their
+    ``ep_group`` attribute and a ``local_experts`` list or grouped ``linear_fc1``.
+    """
+    owners = {}
+    for name, module in model.named_modules():
+        if getattr(module, "ep_group", None) is None or not (
+                hasattr(module, "local_experts") or hasattr(module, "linear_fc1")):
+            continue
+        for sub_name, sub in module.named_modules():
+            if sub_name and getattr(sub, "is_expert", False):
+                owners[f"{name}.{sub_name}" if name else sub_name] = (name, module)
+    return owners
+
+
+def _groups_for(layer, name: str, qname: str, role: str, owner, groups: dict) -> dict:
+    """The SyncItem group fields of one quantizer (rules in megaquant.calib.sync)."""
+    fields = {"tp_group": getattr(layer, "tp_group", None), "dp_group": groups["dp"]}
+    if owner is None:
+        return fields
+    owner_name, experts = owner
+    fields["dp_group"] = groups["expert_dp"] or getattr(experts, "dp_group", None)
+    if fields["dp_group"] is None and groups["dp"] is not None:
+        raise ValueError(f"{owner_name} ({type(experts).__name__}) does not say its expert-data-"
+                         "parallel group: pass calibrate(..., expert_dp_group=groups.expt_dp_group)")
+    if role != "weight":
+        linear = name[len(owner_name):].lstrip(".").split(".")[-1]
+        fields.update(ep_group=groups["ep"] or experts.ep_group,
+                      pool_key=(owner_name, f"{linear}.{qname}"),
+                      always_pooled=hasattr(layer, "num_gemms"))
+    return fields
+
+
+def _plan(model: nn.Module, groups: dict):
+    """Items to calibrate (with their process groups) and the modes to restore afterwards."""
+    items, restore = [], {}
+    owners = _expert_owners(model)
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantModuleMixin):
             continue
@@ -47,10 +84,10 @@ def _plan(model: nn.Module):
                     # Collected once from the tensor itself; the loop need not recompute it
                     # on every forward (the calibrator keeps the statistic while off).
                     q.mode = "off"
-            axis = layer.partition_axes.get(role)
-            items.append(SyncItem(f"{name}.{qname}", q, axis, shape, role))
-            groups.append(getattr(layer, "tp_group", None))
-    return items, groups, restore
+            fields = _groups_for(layer, name, qname, role, owners.get(name), groups)
+            items.append(SyncItem(f"{name}.{qname}", q, layer.partition_axes.get(role), shape,
+                                  role, **fields))
+    return items, restore
 
 
 def calibrate(
@@ -59,13 +96,22 @@ def calibrate(
     *,
     dp_group=None,
     world_group=None,
+    expert_dp_group=None,
+    ep_group=None,
+    share_expert_inputs: bool = False,
 ) -> dict:
     """Calibrate every static quantizer of ``model``; returns a small report dict.
 
-    ``dp_group``: the data-parallel group (None: no data parallelism). ``world_group``: the group
-    over which a non-finite value anywhere must stop everyone (None: the default group).
+    ``dp_group``: the data-parallel group of the dense layers (None: no data parallelism).
+    ``world_group``: the group over which a non-finite value anywhere must stop everyone (None:
+    the default group). Routed experts (MoE) reduce over their own groups, read from the module
+    holding them (``SequentialMLP.dp_group`` is Megatron's expert-data-parallel group,
+    ``.ep_group`` the expert-parallel one); ``expert_dp_group`` / ``ep_group`` override them.
+    ``share_expert_inputs``: one input amax for all experts of a layer, across EP ranks (what a
+    grouped GEMM with a single activation scale needs). See :mod:`megaquant.calib.sync`.
     """
-    items, tp_groups, restore = _plan(model)
+    groups = {"dp": dp_group, "expert_dp": expert_dp_group, "ep": ep_group}
+    items, restore = _plan(model, groups)
     needs_data = any(i.role != "weight" for i in items)
     if needs_data:
         if forward_loop is None:
@@ -73,19 +119,17 @@ def calibrate(
         with torch.no_grad():
             forward_loop(model)
     check_finite(items, world_group)
-    # Items are bucketed by their layer's TP group (experts may use an expert-TP group); every
-    # rank sees the same layers in the same order, so the buckets and their order agree.
-    buckets: dict[int, list[int]] = {}
-    for k, g in enumerate(tp_groups):
-        buckets.setdefault(id(g), []).append(k)
-    for idx in buckets.values():
-        amaxes = sync_amax([items[k] for k in idx], tp_groups[idx[0]], dp_group)
-        for k, amax in zip(idx, amaxes):
-            items[k].quantizer.load_amax(amax)
+    # Every rank has the same items in the same order (identically built models), so the
+    # collectives inside sync_all line up whatever the routing did.
+    amaxes, empty = sync_all(items, share_expert_inputs=share_expert_inputs)
+    for item, amax in zip(items, amaxes):
+        item.quantizer.load_amax(amax)
     for q, mode in restore.items():
         q.calibrator, q.mode = None, mode
-    return {"calibrated_quantizers": len(items), "used_forward_loop": needs_data}
-
+    report = {"calibrated_quantizers": len(items), "used_forward_loop": needs_data}
+    if any(i.pool_key is not None for i in items):
+        report["expert_inputs_without_tokens"] = empty
+    return report
 
 
 def prime_amax(model: nn.Module) -> int:

@@ -20,6 +20,29 @@ Deadlock freedom: every rank walks the same quantizers in the same order (``name
 identically built models) and contributes a value even when it collected nothing (zeros, which
 are neutral for MAX of absolute values). Values are flattened into one tensor per group, so the
 number of collectives does not depend on the model size or on what the data did.
+
+Mixture of experts (routed experts: layers with ``is_expert=True`` inside a ``SequentialMLP`` or
+``TEGroupedMLP``; shared experts and routers are dense layers and follow the rules above):
+
+* **TP** is the layer's own ``tp_group``, which for an expert is the *expert*-tensor-parallel
+  group; the per-tensor / per-channel rules above apply unchanged (weights sharded like dense
+  ones; tokens reach every expert-TP rank whole, so inputs agree after the reduction).
+* **Data parallel** for an expert is the **expert-data-parallel** group: the ranks holding a
+  replica of the *same* experts with different tokens. The dense DP group is wrong here: at
+  EP=2 on 2 ranks it joins rank 0's expert 0 with rank 1's expert 2.
+* **Weight** amax is never reduced over the **expert-parallel** group: EP ranks hold
+  *different* experts, each with its own scale. Weights give every expert an amax, tokens or
+  not.
+* **Input** (and output) amax: each expert keeps its own by default -- the tokens routed to an
+  expert from every EP rank reach the rank that holds it, so after expert-DP its amax already
+  covers all the data. A *pool* per (expert module, quantizer) -- MAX over local experts, then
+  MAX over EP (and, being built from synced values, over expert-TP/DP too) -- is computed on
+  every rank unconditionally (one flattened collective per EP group) and used
+    - by every expert when ``share_expert_inputs`` is set, or for grouped layers whose one input
+      quantizer serves all local experts (a grouped GEMM has one activation scale): one scale
+      for *all* experts, so EP=1 and EP=4 give the same number;
+    - by an expert whose amax is still 0 after sync (it received no calibration token on any
+      rank): the layer's scale instead of a meaningless one.
 """
 
 from __future__ import annotations
@@ -41,6 +64,11 @@ class SyncItem:
     partition_axis: int | None
     shape_hint: torch.Size | None = None  # the tensor's local shape, for per-channel zeros
     role: str = "input"
+    tp_group: object = None  # the layer's (expert-)TP group
+    dp_group: object = None  # DP for dense layers, expert-DP for routed experts
+    ep_group: object = None  # routed experts' non-weight quantizers only
+    pool_key: tuple | None = None  # (expert module, quantizer path): experts sharing a pool
+    always_pooled: bool = False  # one quantizer for all local experts (grouped layers)
 
 
 def sharded_amax_axis(fmt, partition_axis: int | None, ndim: int) -> int | None:
@@ -94,7 +122,8 @@ def check_finite(items: list[SyncItem], group) -> None:
     error, so no rank is left waiting in a collective.
     """
     bad = torch.tensor([float(i.quantizer.first_nonfinite_batch or 0) for i in items])
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+    # group=None means the default group (the whole job), as for every torch collective.
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
     hits = [(i.name, int(b)) for i, b in zip(items, bad.tolist()) if b > 0]
     if hits:
@@ -114,3 +143,50 @@ def sync_amax(items: list[SyncItem], tp_group, dp_group) -> list[torch.Tensor]:
     for k, r in zip(tp_idx, reduced):
         amaxes[k] = r
     return _reduce_max(amaxes, dp_group)
+
+
+def _reduce_by_group(amaxes: list, items: list[SyncItem], group_of) -> None:
+    """MAX-reduce ``amaxes[k]`` over ``group_of(items[k])`` (None: skip), one collective per
+    group; buckets follow first appearance, which is the same on every rank."""
+    buckets: dict[int, tuple[object, list[int]]] = {}
+    for k, item in enumerate(items):
+        group = group_of(item)
+        if group is not None:
+            buckets.setdefault(id(group), (group, []))[1].append(k)
+    for group, idx in buckets.values():
+        for k, r in zip(idx, _reduce_max([amaxes[k] for k in idx], group)):
+            amaxes[k] = r
+
+
+def _expert_pools(items: list[SyncItem], amaxes: list) -> dict:
+    """MAX over local experts per pool key, then over each key's EP group (see docstring)."""
+    pools: dict[tuple, torch.Tensor] = {}
+    for item, amax in zip(items, amaxes):
+        if item.pool_key is not None:
+            prev = pools.get(item.pool_key)
+            pools[item.pool_key] = amax if prev is None else torch.maximum(prev, amax)
+    keys = list(pools)
+    firsts = [next(i for i in items if i.pool_key == key) for key in keys]
+    values = [pools[key] for key in keys]
+    _reduce_by_group(values, firsts, lambda i: i.ep_group)
+    return dict(zip(keys, values))
+
+
+def sync_all(items: list[SyncItem], *, share_expert_inputs: bool = False
+             ) -> tuple[list[torch.Tensor], list[str]]:
+    """Synchronised amax per item (dense and expert rules of the module docstring), and the
+    names of expert quantizers that saw no token anywhere and took their layer's pool."""
+    amaxes = [_local_amax(i) for i in items]
+    _reduce_by_group(amaxes, items, lambda i: i.tp_group if tp_reduced(i) else None)
+    _reduce_by_group(amaxes, items, lambda i: i.dp_group)
+    pools = _expert_pools(items, amaxes)
+    empty = []
+    for k, item in enumerate(items):
+        if item.pool_key is None:
+            continue
+        if share_expert_inputs or item.always_pooled:
+            amaxes[k] = pools[item.pool_key]
+        elif not bool((amaxes[k] != 0).any()):
+            amaxes[k] = pools[item.pool_key]
+            empty.append(item.name)
+    return amaxes, empty

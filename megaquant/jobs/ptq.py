@@ -36,7 +36,7 @@ def build_model(loaded, groups, build: str):
     if build not in ("spec", "convert"):
         raise ValueError(f"run.build must be 'spec' or 'convert', got {build!r}")
     backend = get_spec_provider("local") if build == "spec" else None
-    model = build_gpt_model(loaded.arch, backend, tp_size=groups.tp)
+    model = build_gpt_model(loaded.arch, backend, tp_size=groups.tp, ep_size=groups.ep)
     if loaded.hf_state is not None:
         from megaquant.models.mapping import hf_to_megatron
 
@@ -51,6 +51,20 @@ def build_model(loaded, groups, build: str):
 
         load_checkpoint(model, loaded.checkpoint)
     return model
+
+
+def _even_over_dp(batches: list, dp: int) -> list:
+    """The first multiple of ``dp`` batches: under expert parallelism every MoE layer exchanges
+    tokens over EP ranks (which are DP ranks), so a rank with one batch more than its EP peers
+    would wait forever in that exchange."""
+    keep = len(batches) - len(batches) % dp
+    if keep == 0:
+        raise ValueError(f"{len(batches)} batches for {dp} data-parallel ranks: with expert "
+                         "parallelism every rank needs a batch; raise data.*_samples")
+    if keep < len(batches):
+        log.warning("expert parallel: using %d of %d batches (a multiple of dp=%d)", keep,
+                    len(batches), dp)
+    return batches[:keep]
 
 
 def _ppl(loss: float) -> float:
@@ -73,6 +87,7 @@ def run(cfg: DictConfig) -> dict:
     par = cfg.parallel
     loaded = load_model_source(OmegaConf.to_container(cfg.model, resolve=True))
     loaded.arch.check_tensor_parallel(int(par.tp))
+    loaded.arch.check_expert_parallel(int(par.ep))
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     t_setup = time.perf_counter()
@@ -82,6 +97,8 @@ def run(cfg: DictConfig) -> dict:
     calib = [b[:, :-1] for b in
              token_batches(calib_path, loaded.tokenizer, int(cfg.data.calib_samples), seq, mb)]
     evals = token_batches(eval_path, loaded.tokenizer, int(cfg.data.eval_samples), seq, mb)
+    if groups.ep > 1:
+        calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     t_loaded = time.perf_counter()
 
     loss_fp = evaluate_loss(model, evals, groups.dp_group)

@@ -18,9 +18,55 @@ tensor-parallel reduction.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from megaquant.nn.base import QuantModuleMixin
+
+
+class _RecomputeWeight:
+    """What autograd keeps instead of a fake-quantized weight: how to make it again."""
+
+    __slots__ = ("quantizer", "weight")
+
+    def __init__(self, quantizer, weight):
+        self.quantizer, self.weight = quantizer, weight
+
+    def __call__(self):
+        with torch.no_grad():
+            return self.quantizer(self.weight)
+
+
+def _recompute_saved_weight(quantizer, weight, qweight):
+    """Make Megatron's linear save a recipe for ``qweight`` instead of ``qweight`` itself.
+
+    Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` saves the weight it receives
+    for the input-gradient GEMM. Unquantized, that is the parameter (no extra memory); fake-
+    quantized, it is a new full-precision tensor per layer that would live until backward: an
+    extra copy of every weight during training. Inside this context the saved-tensor hook
+    swaps that one tensor for a handle that fake-quantizes the parameter again when backward
+    unpacks it (the same deterministic function of the same weight and amax, so the same bits:
+    the optimizer only changes weights after backward). Everything else is saved as usual.
+    Costs one extra weight fake-quantization per layer per backward.
+    """
+    if qweight is weight or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+
+    # Only plain values in the closure: autograd keeps the pack hook with every saved
+    # tensor, and a reference to qweight here would keep the very copy we mean to free.
+    target = (qweight.data_ptr(), tuple(qweight.shape), qweight.dtype)
+
+    def pack(t):
+        if (t.data_ptr(), tuple(t.shape), t.dtype) == target:
+            return _RecomputeWeight(quantizer, weight)
+        return t
+
+    def unpack(saved):
+        return saved() if isinstance(saved, _RecomputeWeight) else saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class _QuantParallelLinear(QuantModuleMixin):
@@ -29,9 +75,9 @@ class _QuantParallelLinear(QuantModuleMixin):
         self._setup_quantizers()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        out = super()._forward_impl(
-            self.input_quantizer(input), self.weight_quantizer(weight), *args, **kwargs
-        )
+        qweight = self.weight_quantizer(weight)
+        with _recompute_saved_weight(self.weight_quantizer, weight, qweight):
+            out = super()._forward_impl(self.input_quantizer(input), qweight, *args, **kwargs)
         return self.output_quantizer(out)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
