@@ -1,0 +1,291 @@
+"""Export a quantized Megatron GPT model to Hugging Face-style directories with real low-bit weights.
+
+Pipeline (one process, the model at TP=1; :func:`export_checkpoint` loads a PTQ checkpoint saved
+at any TP size into such a model, Megatron's dist-ckpt gathering the shards along their axes):
+
+1. every linear is mapped to its HF module names (:mod:`megaquant.export.names`); the fused QKV and
+   SwiGLU fc1 weights (and per-channel amax) are split by rows *before* quantizing;
+2. each HF weight is quantized with the layer's own weight quantizer,
+   ``fmt.quantize(weight, amax)``: the codes and scales whose ``dequantize`` is bit-identical
+   to the fake-quantized weight the model ran with; activation scales come from the input
+   quantizers' calibrated amax;
+3. unquantized tensors (embeddings, norms, excluded layers such as ``lm_head``) keep the source
+   precision; tied embeddings stay tied (no ``lm_head.weight``, ``tie_word_embeddings: true``);
+4. each requested layout (:mod:`megaquant.export.layouts`) is written to ``<out>/<layout>/``
+   with ``config.json``, safetensors shards, ``tokenizer.json`` when there is a tokenizer, and for
+   ModelOpt ``hf_quant_config.json``; ``<out>/export_report.json`` says what was written, bits per
+   parameter, and which layouts were not written and why. The whole ``<out>`` appears atomically.
+
+Before the rename every claimed module is checked to hold the tensors and dtypes its layout
+declares (uint8 nibbles, float8, int32 words): a layout is never claimed for tensors it did not get.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import megaquant
+from megaquant.export import layouts as L
+from megaquant.export.names import hf_targets, split_rows
+from megaquant.export.schemes import classify
+from megaquant.export.writer import atomic_directory, write_json, write_safetensors
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote (also saved as ``export_report.json``)."""
+
+    scheme: str
+    quantized_modules: list[str]
+    excluded_modules: list[str]
+    params: int  # logical parameters of the HF model (tied embedding counted once)
+    quantized_params: int
+    layouts: dict = field(default_factory=dict)  # layout -> files, bytes, bits per parameter
+    skipped_layouts: dict = field(default_factory=dict)  # layout -> reason
+    tokenizer: bool = False
+    megaquant_version: str = megaquant.__version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
+                 f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
+        return f"scheme {self.scheme}; " + "; ".join(parts)
+
+
+def _linear_modules(model: torch.nn.Module):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    for name, m in model.named_modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
+            yield name, m
+
+
+def _check_tp1(name: str, layer) -> None:
+    group = getattr(layer, "tp_group", None)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        raise ValueError(f"{name} is tensor-parallel (TP={dist.get_world_size(group)}): export a "
+                         "model built at TP=1; export_checkpoint loads any saved TP layout at TP=1")
+
+
+def _activation_scale(iq) -> Tensor:
+    """The decode scale the input quantizer uses (FP8: amax/448; NVFP4: the global scale g)."""
+    probe = iq.fmt.quantize(torch.zeros(1, 16), iq.amax)
+    return probe.global_scale if probe.global_scale is not None else probe.scale
+
+
+def _layer_scheme(name, layer):
+    return classify(name, getattr(layer, "weight_quantizer", None),
+                    getattr(layer, "input_quantizer", None), getattr(layer, "output_quantizer", None))
+
+
+def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
+    """The HF linears of one quantized Megatron layer, each quantized on its own rows."""
+    hf_names, split = hf_targets(name)
+    if layer.weight is None:
+        raise ValueError(f"{name} has no weight of its own (tied embeddings): a tied output layer "
+                         "cannot be quantized apart from the embedding; exclude it (recipe "
+                         "exclude '*output_layer*') or untie the embeddings")
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    weights = split_rows(layer.weight.detach(), split, arch)
+    amaxes = split_rows(wq.amax, split, arch) if wq.fmt.needs_amax else (None,) * len(weights)
+    in_scale = _activation_scale(iq) if iq.is_enabled else None
+    block = getattr(wq.fmt, "block_size", None)
+    if block is not None and layer.weight.shape[-1] % block:
+        # a ragged last block is fine for fake quantization, but serving kernels (and
+        # compressed-tensors' reader) need whole blocks along the input dimension
+        raise ValueError(f"{name}: input dimension {layer.weight.shape[-1]} is not a multiple of "
+                         f"the {wq.fmt.name} block size {block}; serving engines need whole "
+                         "blocks: quantize with a block_size that divides it")
+    out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block)
+           for n, w, a in zip(hf_names, weights, amaxes)]
+    # The claim we write: these codes decode to what the model multiplied with. A quantizer
+    # whose state fmt.quantize does not capture (say, a future per-block clipping) is refused.
+    ran = split_rows(wq(layer.weight.detach()), split, arch)
+    for q, r in zip(out, ran):
+        d = wq.fmt.dequantize(q.weight)
+        if not bool(((d == r) | (d.isnan() & r.isnan())).all()):
+            raise RuntimeError(f"{q.name}: the exported codes do not decode to the weight the "
+                               f"model computes with ({wq}); refusing to write them")
+    return out
+
+
+def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], list[str]]:
+    """(the model's one scheme, its quantized HF linears, HF names of unquantized linears)."""
+    quantized, excluded, schemes = [], [], {}
+    for name, layer in _linear_modules(model):
+        _check_tp1(name, layer)
+        wq = getattr(layer, "weight_quantizer", None)
+        if wq is None or not wq.is_enabled:
+            excluded += list(hf_targets(name)[0])
+            continue
+        schemes.setdefault(_layer_scheme(name, layer), []).append(name)
+        quantized += _quantize_layer(name, layer, arch)
+    if not quantized:
+        raise ValueError("the model has no quantized linear: quantize it first "
+                         "(megaquant.quantize or ptq.load_quantized) before exporting")
+    if len(schemes) > 1:
+        raise ValueError(f"mixed schemes are not exported (one quantization_config per model): "
+                         f"{ {k: v[:2] for k, v in schemes.items()} }")
+    return next(iter(schemes)), quantized, sorted(set(excluded))
+
+
+def hf_config(arch, *, torch_dtype: str, tokenizer=None) -> dict:
+    """A LLaMA ``config.json`` for a GPTConfig (refusing architectures LLaMA cannot express)."""
+    if arch.normalization != "RMSNorm" or not arch.gated_linear_unit or arch.add_bias_linear:
+        raise ValueError(f"{arch.name}: only LLaMA-family models (RMSNorm, SwiGLU, no biases) are "
+                         "exported; this one has "
+                         f"normalization={arch.normalization}, gated_linear_unit="
+                         f"{arch.gated_linear_unit}, add_bias_linear={arch.add_bias_linear}")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_hidden_size,
+           "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_attention_heads,
+           "num_key_value_heads": arch.num_query_groups,
+           "head_dim": arch.hidden_size // arch.num_attention_heads,
+           "vocab_size": arch.vocab_size, "max_position_embeddings": arch.seq_length,
+           "rope_theta": float(arch.rotary_base), "rms_norm_eps": float(arch.norm_epsilon),
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+           "tie_word_embeddings": bool(arch.tie_embeddings), "torch_dtype": torch_dtype,
+           "rope_scaling": None}
+    for key in ("bos_id", "eos_id"):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            cfg[key.replace("_id", "_token_id")] = int(value)
+    return cfg
+
+
+def _layout_tensors(hf_state: dict, quantized: list[L.QuantLinear], layout: str, scheme: str):
+    tensors = dict(hf_state)
+    for q in quantized:
+        del tensors[f"{q.name}.weight"]
+        for k, t in L.module_tensors(layout, scheme, q).items():
+            tensors[f"{q.name}.{k}"] = t
+    return tensors
+
+
+def check_claims(tensors: dict, quantized: list[L.QuantLinear], excluded: list[str], layout: str,
+                 scheme: str, source_dtype: torch.dtype) -> None:
+    """Every claimed module holds the layout's tensors and dtypes; excluded ones stay float."""
+    for q in quantized:
+        for k, dtype in L.required_dtypes(layout, scheme).items():
+            t = tensors.get(f"{q.name}.{k}")
+            if t is None or t.dtype != dtype:
+                raise RuntimeError(f"refusing to write {layout}/{scheme}: {q.name}.{k} is "
+                                   f"{None if t is None else t.dtype}, the layout needs {dtype}")
+    for name in excluded:
+        t = tensors.get(f"{name}.weight")
+        if t is not None and t.dtype != source_dtype:
+            raise RuntimeError(f"excluded {name}.weight is {t.dtype}, not the source {source_dtype}")
+
+
+def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    names = {q.name for q in quantized}
+    qbytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                 if k.rsplit(".", 1)[0] in names)
+    qparams = sum(q.weight.codes.numel() for q in quantized)
+    return {"bytes": nbytes, "bits_per_param": 8 * nbytes / params,
+            "quantized_bits_per_param": 8 * qbytes / qparams}
+
+
+def _resolve_layouts(layouts, scheme: str) -> tuple[list[str], dict]:
+    """('auto' or a list) -> (layouts to write, {layout: why not}); refuses an unwritable request."""
+    asked = list(L.LAYOUTS) if layouts in ("auto", None) else list(layouts)
+    for lay in asked:
+        L.supports(lay, scheme)  # ValueError for an unknown layout name
+    chosen = [lay for lay in asked if L.supports(lay, scheme)]
+    skipped = {lay: f"{lay} has no layout for scheme {scheme}" for lay in L.LAYOUTS
+               if lay not in chosen}
+    if not chosen or (layouts not in ("auto", None) and len(chosen) < len(asked)):
+        raise ValueError(f"scheme {scheme} cannot be written as {asked}: {skipped}; layouts that "
+                         f"can: {[lay for lay in L.LAYOUTS if L.supports(lay, scheme)]}")
+    return chosen, skipped
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    backend = getattr(tokenizer, "backend", tokenizer)
+    if not hasattr(backend, "save"):
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} cannot be saved as tokenizer.json; "
+                        "pass a megaquant.tokenizer.Tokenizer or a tokenizers.Tokenizer, or None")
+    backend.save(str(directory / "tokenizer.json"))
+
+
+@torch.no_grad()
+def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="auto",
+                 tokenizer=None, overwrite: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
+    """Export a quantized (calibrated) GPT ``model`` built at TP=1 with architecture ``arch``.
+
+    ``layouts``: ``"auto"`` (every layout that has the model's scheme) or a list of
+    ``"modelopt"``/``"compressed-tensors"`` (an error if one of them cannot hold the scheme).
+    ``tokenizer``: a megaquant ``Tokenizer`` or ``tokenizers.Tokenizer`` (written as
+    tokenizer.json), or None when the source model had none. Writes ``out_dir/<layout>/`` and
+    ``out_dir/export_report.json`` atomically.
+    """
+    from megaquant.models.mapping import megatron_to_hf
+
+    scheme, quantized, excluded = collect(model, arch)
+    chosen, skipped = _resolve_layouts(layouts, scheme)
+    state = {k: v.detach() for k, v in model.state_dict().items()
+             if isinstance(v, Tensor) and not k.endswith("_extra_state")}
+    hf_state = megatron_to_hf([state], arch)
+    source_dtype = hf_state["model.embed_tokens.weight"].dtype
+    dtype_name = str(source_dtype).replace("torch.", "")
+    qparams = sum(q.weight.codes.numel() for q in quantized)
+    params = sum(t.numel() for t in hf_state.values())
+    report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
+                          skipped_layouts=skipped, tokenizer=tokenizer is not None)
+    block = quantized[0].block_size
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for layout in chosen:
+            d = tmp / layout
+            d.mkdir()
+            tensors = _layout_tensors(hf_state, quantized, layout, scheme)
+            check_claims(tensors, quantized, excluded, layout, scheme, source_dtype)
+            files = write_safetensors(d, tensors, max_shard_bytes)
+            config = hf_config(arch, torch_dtype=dtype_name, tokenizer=tokenizer)
+            config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
+                                                                  block_size=block)
+            write_json(d / "config.json", config)
+            if layout == "modelopt":
+                write_json(d / "hf_quant_config.json", L.hf_quant_config(scheme, excluded))
+            if tokenizer is not None:
+                _save_tokenizer(tokenizer, d)
+            report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params)}
+        write_json(tmp / "export_report.json", report.to_dict())
+    return report
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, **kwargs) -> ExportReport:
+    """Export a megaquant PTQ checkpoint (``<ptq out>/checkpoint``) saved at any TP layout.
+
+    Loads it into a model built at TP=1 in this process (Megatron's parallel state must be set
+    up for one rank: ``init_distributed(); init_model_parallel(1)``), then :func:`export_model`.
+    The architecture and recipe come from the checkpoint's ``megaquant.json``.
+    """
+    from megaquant.megatron.checkpoint import read_metadata
+    from megaquant.models.gpt import GPTConfig, build_gpt_model
+    from megaquant.ptq import load_quantized
+
+    meta = read_metadata(checkpoint_dir)["metadata"]
+    if "arch" not in meta:
+        raise ValueError(f"{checkpoint_dir}/megaquant.json has no 'arch': re-save it with "
+                         "scripts/ptq.py (which records the architecture)")
+    arch = GPTConfig.from_dict(meta["arch"])
+    model = build_gpt_model(arch, tp_size=1)
+    load_quantized(model, checkpoint_dir)
+    return export_model(model, arch, out_dir, **kwargs)
+
+
+def read_report(out_dir: str | Path) -> dict:
+    """The ``export_report.json`` of an export directory."""
+    return json.loads((Path(out_dir) / "export_report.json").read_text())

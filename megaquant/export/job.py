@@ -1,0 +1,83 @@
+"""The export job behind ``scripts/export.py``: one process, a PTQ checkpoint in, HF directories out.
+
+The checkpoint may have been saved at any TP layout: it is loaded at TP=1 here (Megatron's
+distributed checkpoint gathers the shards), so the export does not depend on how PTQ was run.
+This is the outermost layer: it alone sets up the (one-rank) process group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("megaquant.export")
+TOKENIZER_CHOICES = "auto | none | smollm2 | <directory with tokenizer.json>"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``configs/export.yaml``; unknown keys are errors naming the valid ones."""
+
+    checkpoint: str
+    output_dir: str
+    layouts: object = "auto"  # "auto" or a list of layout names
+    overwrite: bool = False
+    max_shard_bytes: int = 5 * 1024**3
+    tokenizer: str = "auto"
+    timeout_s: float = 600.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportConfig":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"export config: unknown key(s) {unknown}; valid keys: {valid}")
+        return cls(**d)
+
+
+def resolve_tokenizer(choice: str, arch_name: str):
+    """The tokenizer to write: ``auto`` takes the embedded SmolLM2 one for that model, else none."""
+    if choice == "auto":
+        choice = "smollm2" if arch_name.startswith("SmolLM2") else "none"
+    if choice in ("none", None):
+        return None
+    if choice == "smollm2":
+        from megaquant.models.gguf import read_gguf_metadata
+        from megaquant.models.smollm2 import smollm2_gguf_path
+        from megaquant.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path()))
+    if not Path(choice).is_dir():
+        raise ValueError(f"tokenizer={choice!r}: expected {TOKENIZER_CHOICES}")
+    from megaquant.tokenizer import tokenizer_from_hf_dir
+
+    return tokenizer_from_hf_dir(choice)
+
+
+def run(cfg: ExportConfig):
+    """Export ``cfg.checkpoint`` to ``cfg.output_dir``; returns the ExportReport."""
+    from megaquant.export.export import export_checkpoint
+    from megaquant.megatron.checkpoint import read_metadata
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("run the export as one process (python scripts/export.py ...): it loads "
+                         "the checkpoint at TP=1 whatever layout it was saved at")
+    from megaquant.export.writer import check_target
+
+    meta = read_metadata(cfg.checkpoint)["metadata"]  # fail fast: a wrong path or target
+    check_target(Path(cfg.output_dir).absolute(), bool(cfg.overwrite))
+    tokenizer = resolve_tokenizer(cfg.tokenizer, meta.get("arch", {}).get("name", ""))
+    init_distributed(timeout_s=float(cfg.timeout_s))
+    init_model_parallel(tp=1, pp=1, ep=1)
+    layouts = cfg.layouts if isinstance(cfg.layouts, str) else list(cfg.layouts)
+    report = export_checkpoint(cfg.checkpoint, cfg.output_dir, layouts=layouts,
+                               tokenizer=tokenizer, overwrite=bool(cfg.overwrite),
+                               max_shard_bytes=int(cfg.max_shard_bytes))
+    log.info("exported %s to %s: %s", cfg.checkpoint, cfg.output_dir, report.summary())
+    for layout, why in report.skipped_layouts.items():
+        log.info("not written: %s (%s)", layout, why)
+    return report

@@ -1,0 +1,94 @@
+"""Which Hugging Face modules a quantized Megatron layer becomes, and how its rows split.
+
+The exporter quantizes *after* un-fusing, on the Hugging Face tensors, so every per-channel or
+per-block scale follows the rows of the tensor a serving engine loads. This is exact:
+
+* a fused QKV weight's rows map one to one onto q/k/v rows (:func:`megaquant.models.mapping.split_qkv`),
+  and SwiGLU's fc1 rows are ``[gate; up]``: splitting rows moves whole rows;
+* block scales (NVFP4 16, INT4 128) run along the input (last) dimension, which is never split;
+* per-channel scales (axis 0) are split with the same row map as the weight (:func:`split_rows`);
+* a per-tensor scale (FP8 weight scale, NVFP4 global scale, every activation scale) is *shared*
+  by q/k/v (and by gate/up): each HF module gets the fused layer's scale. Serving engines fuse
+  q/k/v (gate/up) again at load time and expect equal scales there (vLLM and TensorRT-LLM take
+  the max of the parts when they differ, which for us is a no-op).
+
+MoE (expert-parallel) layers slot in by adding rows to :data:`LAYER_MAP`: a routed expert
+``decoder.layers.N.mlp.experts.local_experts.E.linear_fc1`` becomes
+``model.layers.N.mlp.experts.E.{gate,up}_proj`` with the global expert index E. Not exercised
+yet: the EP model is being built (issue 5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from megaquant.models.mapping import _dims, split_qkv
+
+
+@dataclass(frozen=True)
+class HFTarget:
+    """One Megatron layer pattern -> HF module names and the row splitter for its tensors."""
+
+    pattern: str  # regex over the Megatron module name
+    hf_names: tuple[str, ...]  # format strings, filled with the pattern's named groups
+    split: str  # "qkv" | "halves" | "none"
+
+
+LAYER_MAP: tuple[HFTarget, ...] = (
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.self_attention\.linear_qkv",
+             ("model.layers.{n}.self_attn.q_proj", "model.layers.{n}.self_attn.k_proj",
+              "model.layers.{n}.self_attn.v_proj"), "qkv"),
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.self_attention\.linear_proj",
+             ("model.layers.{n}.self_attn.o_proj",), "none"),
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.linear_fc1",
+             ("model.layers.{n}.mlp.gate_proj", "model.layers.{n}.mlp.up_proj"), "halves"),
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.linear_fc2",
+             ("model.layers.{n}.mlp.down_proj",), "none"),
+    # routed experts (EP, issue 5): E is the global expert index
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc1",
+             ("model.layers.{n}.mlp.experts.{e}.gate_proj", "model.layers.{n}.mlp.experts.{e}.up_proj"),
+             "halves"),
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc2",
+             ("model.layers.{n}.mlp.experts.{e}.down_proj",), "none"),
+    HFTarget(r"output_layer", ("lm_head",), "none"),
+)
+
+
+def hf_targets(megatron_name: str) -> tuple[tuple[str, ...], str]:
+    """(HF module names, splitter) of a Megatron linear; ValueError for a layer we cannot map."""
+    for t in LAYER_MAP:
+        m = re.fullmatch(t.pattern, megatron_name)
+        if m:
+            return tuple(n.format(**m.groupdict()) for n in t.hf_names), t.split
+    raise ValueError(f"no Hugging Face name is known for quantized layer {megatron_name!r}; "
+                     "add a row to megaquant.export.names.LAYER_MAP or exclude it in the recipe")
+
+
+def row_splitter(split: str, arch) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """A function splitting a fused [rows, ...] tensor (weight or per-channel amax) into parts."""
+    if split == "none":
+        return lambda t: (t,)
+    if split == "halves":
+        return lambda t: tuple(t.chunk(2, dim=0))
+    if split == "qkv":
+        d = _dims(arch)
+        return lambda t: split_qkv(t, d["groups"], d["head_dim"])
+    raise AssertionError(split)
+
+
+def split_rows(t: Tensor, split: str, arch) -> tuple[Tensor, ...]:
+    """Split ``t`` ([rows, k] or a per-channel amax [rows, 1]) like the fused weight's rows.
+
+    A scalar (per-tensor) amax is shared by every part, see the module docstring.
+    """
+    parts = 1 if split == "none" else (2 if split == "halves" else 3)
+    if t.dim() == 0 or t.numel() == 1:
+        return (t,) * parts
+    return tuple(p.contiguous() for p in row_splitter(split, arch)(t))
+
+
+__all__ = ["HFTarget", "LAYER_MAP", "hf_targets", "split_rows", "row_splitter"]
