@@ -37,7 +37,8 @@ def _expert_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
                 hasattr(module, "local_experts") or hasattr(module, "linear_fc1")):
             continue
         for sub_name, sub in module.named_modules():
-            if sub_name and getattr(sub, "is_expert", False):
+            # Local linears say is_expert; TE grouped linears (num_gemms) are experts by nature.
+            if sub_name and (getattr(sub, "is_expert", False) or hasattr(sub, "num_gemms")):
                 owners[f"{name}.{sub_name}" if name else sub_name] = (name, module)
     return owners
 

@@ -41,6 +41,19 @@ What each piece replaces, and why:
 ``cpu_checkpoint_stand_ins()`` (a context manager, restored on every exit path)
     ``torch.cuda.synchronize`` -> no-op, for ``dist_checkpointing``'s
     ``filesystem_async.preload_tensors``; only while a save/load runs, only without CUDA.
+
+Mixture of experts (spec choices made by ``megaquant.models.gpt.mlp_spec`` without CUDA):
+
+``CPUTopKRouter``
+    replaces ``TopKRouter.gating``, which moves the router weight to
+    ``torch.cuda.current_device()`` and, without TE, fails on ``te_general_gemm``: a plain
+    ``F.linear`` in the router dtype. Routing itself is Megatron's.
+``CPUMoELayer`` + ``CPUAlltoAllTokenDispatcher``
+    the alltoall dispatcher creates a ``torch.cuda.Stream()`` when built, keeps split sizes as
+    tensors that gloo's ``all_to_all_single`` refuses, and all-gathers an uneven number of
+    tokens over expert-TP (gloo has no uneven all_gather: emulated with one
+    ``all_to_all_single``). The only patches are two names swapped inside context managers
+    while a constructor / ``dispatch_postprocess`` runs. The allgather dispatcher needs nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +66,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe import moe_layer as mcore_moe_layer
+from megatron.core.transformer.moe import token_dispatcher as mcore_dispatch
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.module import MegatronModule
 
 # --------------------------------------------------------------------------------------------
@@ -294,11 +310,8 @@ def cpu_checkpoint_stand_ins() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 #
 # Measured on megatron-core 0.16.1 with gloo: the allgather token dispatcher runs on CPU as is;
-# the router and the alltoall dispatcher need the two classes below. Both are spec choices
-# (megaquant.models.gpt.mlp_spec picks them when CUDA is unavailable), not patches.
-
-from megatron.core.transformer.moe import token_dispatcher as mcore_dispatch  # noqa: E402
-from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+# the router and the alltoall dispatcher need the classes below. They are spec choices
+# (megaquant.models.gpt.mlp_spec picks them when CUDA is unavailable), not global patches.
 
 
 class CPUTopKRouter(TopKRouter):
@@ -399,9 +412,6 @@ class CPUAlltoAllTokenDispatcher(mcore_dispatch.MoEAlltoAllTokenDispatcher):
         gather = _gather_uneven_ok(mcore_dispatch.gather_from_sequence_parallel_region)
         with _patched(mcore_dispatch, "gather_from_sequence_parallel_region", gather):
             return super().dispatch_postprocess(global_input_tokens, global_probs)
-
-
-from megatron.core.transformer.moe import moe_layer as mcore_moe_layer  # noqa: E402
 
 
 class CPUMoELayer(mcore_moe_layer.MoELayer):
