@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _text(tmp_path, name="text.txt", repeat=200):
@@ -22,8 +29,9 @@ def _run(args, nproc=1, timeout=400):
     if nproc == 1:
         cmd = [sys.executable, "scripts/ptq.py", *args]
     else:
+        # An explicit free port: torchrun passes --master-port=0 to the workers unchanged.
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-port=0", "scripts/ptq.py", *args]
+               f"--master-port={_free_port()}", "scripts/ptq.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
