@@ -6,7 +6,8 @@ from typing import Callable
 
 from torch import nn
 
-from megaquant.calib.algorithms import CalibConfig, apply_pins, check_recipe_roles, run_algorithm
+from megaquant.calib.algorithms import (CalibConfig, apply_pins, check_recipe_roles, get_algorithm,
+                                        run_algorithm)
 from megaquant.calib.calibrate import calibrate
 from megaquant.convert import ConversionReport, apply_recipe, convert_model
 from megaquant.recipe import Recipe, load_recipe
@@ -42,6 +43,8 @@ def quantize(
     report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group)
     apply_pins(pins)
     report.calibration["algorithm"] = algo.algorithm
+    if algo.algorithm != "max" and get_algorithm(algo.algorithm).NEEDS_DATA:
+        report.calibration["used_forward_loop"] = True
     return report
 
 

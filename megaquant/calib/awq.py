@@ -1,0 +1,117 @@
+"""AWQ: activation-aware weight scaling for weight-only quantization (INT4, NVFP4, MXFP4).
+
+Not all weights matter equally: a weight column that multiplies a large activation contributes
+more to the output, so its rounding error costs more. AWQ (Lin et al., 2023) protects those
+columns by scaling them *up* before quantization (``W * s``; the relative rounding error of a
+larger value is smaller when the block scale is set by other elements) and folds ``1 / s`` into
+the operation that produces the input, so the float model is unchanged:
+
+    y = x W^T = (x / s) (W * s)^T  ->  quantized: (x / s) Q(W * s)^T
+
+The scale is one exponent of the mean activation magnitude, ``s = mean|x|^alpha``, normalised by
+``sqrt(max s * min s)``, and ``alpha`` is searched on a grid of ``grid`` points in ``[0, 1)``
+(``alpha = 0`` is plain RTN, so the search never loses on its own objective). The objective is
+the layer's output error over the calibration tokens,
+
+    || X (Q(W s)/s - W)^T ||^2 = sum over rows r of  d_r^T H d_r,   H = X^T X,
+
+evaluated from the Hessian ``H`` captured once (no activations kept; cost ``out x in^2`` per
+candidate). Scales are folded like SmoothQuant's: into the norm before ``linear_qkv`` and
+``linear_fc1``, and into the ``up`` rows of ``linear_fc1`` before ``linear_fc2`` (SwiGLU);
+``linear_proj`` keeps RTN (it would need a ``pre_quant_scale``).
+
+Parallel rules:
+
+* ``H`` and ``mean|x|``: a column-parallel layer (qkv, fc1) sees the whole input (sums over TP
+  only under sequence parallelism); a row-parallel layer (fc2) all-gathers its input over TP in
+  the capture hook, so every rank holds the full-input-dimension statistics. SUM over DP.
+* Column-parallel: ``s`` covers the replicated input and must be the same on all ranks. Each
+  rank evaluates the loss of its own output rows; the per-candidate losses are SUM-reduced over
+  TP (and a per-tensor weight amax of ``W * s``, e.g. NVFP4's global scale, MAX-reduced) before
+  the argmin, so all ranks pick the same alpha.
+* Row-parallel: the rows' errors mix all input channels, so the weight is all-gathered along the
+  input dim; every rank runs the same search on the full matrix and keeps its slice of ``s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megaquant.calib.algorithms import (all_gather_cat, all_reduce, capture_inputs, chunks,
+                                        fold_input_scale, group_size, is_row_parallel, producer_of,
+                                        progress, quant_linears)
+from megaquant.calib.sync import SyncItem, tp_reduced
+
+NEEDS_DATA = True
+
+
+@dataclass(frozen=True)
+class Options:
+    grid: int = 20  # alpha candidates: k / grid for k in 0..grid-1
+    layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds Hessian memory
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise ValueError(f"awq grid must be >= 1, got {self.grid}")
+
+
+def check(roles) -> None:
+    if not any(r == "weight" and c is not None for r, c in roles):
+        raise ValueError("AWQ scales weights, but the recipe quantizes no weights")
+    if any(r == "input" and c is not None for r, c in roles):
+        raise ValueError("AWQ is for weight-only recipes (it assumes full-precision activations), "
+                         "but the recipe quantizes inputs; use smoothquant or gptq")
+
+
+def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``mean|x|^alpha``, normalised so the geometric middle of the range stays at 1 (pure)."""
+    s = x_mean.double().clamp(min=1e-4).pow(alpha)
+    return (s / (s.max() * s.min()).sqrt()).float()
+
+
+def output_error(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``sum_r dw_r^T H dw_r``: the squared output error over the tokens H was built from."""
+    return ((dw @ h) * dw).double().sum()
+
+
+def _search(layer, w: torch.Tensor, full: bool, x_mean, h, grid: int) -> torch.Tensor:
+    """Best ``s`` for weight ``w`` (the full matrix when ``full``, else this rank's rows)."""
+    q = layer.weight_quantizer
+    item = SyncItem("", q, layer.partition_axes.get("weight"), w.shape, "weight")
+    scales = [awq_scales(x_mean, k / grid) for k in range(grid)]
+    static = q.fmt.needs_amax and q.mode == "static"
+    # The scaled weights are rebuilt in each loop instead of kept: one copy of W in memory.
+    amaxes = [q.fmt.compute_amax(w * s[None, :]) if static else None for s in scales]
+    if static and not full and tp_reduced(item):  # one collective for all candidates
+        flat = all_reduce(torch.stack([a.reshape(()) for a in amaxes]), layer.tp_group, "max")
+        amaxes = list(flat.unbind(0))
+    losses = torch.stack([output_error(q.fmt.fake_quantize(w * s[None, :], a) / s[None, :] - w, h)
+                          for a, s in zip(amaxes, scales)])
+    if not full:
+        all_reduce(losses, layer.tp_group, "sum")
+    return scales[int(torch.argmin(losses))]
+
+
+def run(model, opts: Options, forward_loop, dp_group) -> dict:
+    layers = [(n, l) for n, l in quant_linears(model) if producer_of(model, n) is not None]
+    bar = progress(layers, "awq")
+    for part in chunks(layers, opts.layers_per_pass):
+        stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True, full_input=True)
+        for name, layer in part:
+            st = stats.pop(name)
+            h = (st.hessian / max(st.count, 1)).float()
+            x_mean = (st.abs_sum / max(st.count, 1)).float()
+            full = is_row_parallel(layer)
+            w = layer.weight.data.float()
+            if full:
+                w = all_gather_cat(w, layer.tp_group, dim=1)
+            s = _search(layer, w, full, x_mean, h, opts.grid)
+            if full and group_size(layer.tp_group) > 1:
+                s = s.chunk(group_size(layer.tp_group))[dist.get_rank(layer.tp_group)]
+            fold_input_scale(layer, producer_of(model, name), s)
+            bar.update(1)
+    bar.close()
+    return {}

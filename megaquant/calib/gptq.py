@@ -1,0 +1,169 @@
+"""GPTQ: round the weights one input column at a time, correcting the rest for each error.
+
+Round-to-nearest rounds every weight independently. GPTQ (Frantar et al., 2022) instead solves,
+per linear, ``min ||X (Q - W)^T||^2`` over the calibration tokens ``X`` greedily: quantize
+column ``j``, then update the not-yet-quantized columns so that the layer's *output* absorbs the
+error (Optimal Brain Surgeon on ``H = X^T X``):
+
+    e = (w_j - q_j) / [H^-1]_jj ;   W[:, k>j] -= e [H^-1]_{j, k>j}
+
+With the upper Cholesky factor ``U`` of ``H^-1`` the row ``[H^-1]_{j, k>j} / [H^-1]_jj`` is just
+``U[j, k>j] / U[j, j]``, so one factorisation serves every column. Updates are applied lazily in
+blocks of ``block`` columns (the classic GPTQ trick: rank-``block`` updates instead of rank-1
+over the whole matrix), so memory stays at one weight plus one ``in x in`` Hessian per layer.
+
+Scales: the column is rounded with the scale the format will use at run time. For block formats
+(NVFP4 16, MX 32, INT4 128) the block's scale is fixed when GPTQ enters the block, from the
+block's current (already corrected) weights; each column is then quantized as part of a block
+whose max is that value, so the format's own kernel computes the scale. Per-tensor / per-channel
+amax (FP8, INT8, NVFP4's global scale) is the max of the original weights, pinned after max
+calibration. The final weights are the dequantized ``Q`` (on the format's grid).
+
+``damp`` (fraction of the mean diagonal added to ``H``) keeps ``H`` positive definite; a layer
+whose Hessian still cannot be factorised (or yields non-finite weights) keeps its RTN weights,
+with a warning that names it. Activations are captured from the unquantized model in one pass
+(not layer by layer through the already-quantized prefix), ``layers_per_pass`` linears at a time.
+
+Parallel rules: a column-parallel layer (qkv, fc1) holds whole input columns for its output
+rows; GPTQ treats rows independently given ``H``, which is the full replicated-input Hessian
+(SUM over TP only under sequence parallelism, SUM over DP), so each rank runs GPTQ on its own
+rows. A row-parallel layer (proj, fc2) holds part of every row, and the error of one column is
+pushed into columns of other ranks: its input is all-gathered over TP in the capture hook (full
+``H``) and its weight along the input dim, every rank runs the same GPTQ on the full matrix and
+keeps its slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megaquant.calib.algorithms import (all_gather_cat, capture_inputs, chunks, group_size,
+                                        is_row_parallel, progress, quant_linears, warn, weight_amax)
+
+NEEDS_DATA = True
+
+
+@dataclass(frozen=True)
+class Options:
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block: int = 128  # lazy-update block (rounded up to a multiple of the format's block)
+    layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds memory
+
+    def __post_init__(self):
+        if self.damp < 0 or self.block < 1:
+            raise ValueError("gptq needs damp >= 0 and block >= 1")
+
+
+def check(roles) -> None:
+    if not any(r == "weight" and c is not None for r, c in roles):
+        raise ValueError("GPTQ rounds weights, but the recipe quantizes no weights")
+
+
+class ColumnQuantizer:
+    """Quantizes one weight column with the scale the format will use for it at run time."""
+
+    def __init__(self, fmt, amax):
+        self.fmt, self.amax = fmt, amax
+        self.group = getattr(fmt, "block_size", None) or 0
+        self.limit = None
+
+    def start_group(self, cols: torch.Tensor) -> None:
+        self.limit = cols.abs().amax(dim=1)  # the block max that sets the block's scale
+
+    def __call__(self, col: torch.Tensor) -> torch.Tensor:
+        if not self.group:
+            return self.fmt.fake_quantize(col[:, None], self.amax)[:, 0]
+        # A block whose max is the limit: the kernel derives the block scale from it.
+        block = torch.zeros(col.shape[0], self.group, dtype=col.dtype)
+        block[:, 0] = torch.minimum(torch.maximum(col, -self.limit), self.limit)
+        block[:, 1] = self.limit
+        return self.fmt.fake_quantize(block, self.amax)[:, 0]
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64), or None."""
+    if not torch.isfinite(h).all():  # the factorisation reads one triangle only: check all
+        return None
+    h = h.double() + damp * torch.diag(h).mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0 or not torch.isfinite(lower).all():
+        return None
+    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    return u if info.item() == 0 and torch.isfinite(u).all() else None
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant: ColumnQuantizer, block: int,
+                  damp: float) -> torch.Tensor | None:
+    """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; None when ``h`` cannot be factorised."""
+    w, h = w.clone().float(), h.clone().double()
+    dead = torch.diag(h) == 0  # inputs that are always zero: any weight works, use 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = inverse_cholesky(h, damp)
+    if u is None:
+        return None
+    u = u.float()
+    n = w.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
+        for i in range(i2 - i1):
+            if quant.group and (i1 + i) % quant.group == 0:
+                quant.start_group(w1[:, i:i + quant.group])
+            q = quant(w1[:, i])
+            e = (w1[:, i] - q) / u[i1 + i, i1 + i]
+            w1[:, i:] -= e[:, None] * u[i1 + i, i1 + i:i2][None, :]
+            w1[:, i], err[:, i] = q, e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return w if torch.isfinite(w).all() else None
+
+
+def _quantize_layer(name, layer, st, opts: Options):
+    """The GPTQ weight of ``layer`` (local shard) and the amax it used; None: keep RTN."""
+    q = layer.weight_quantizer
+    full = is_row_parallel(layer)
+    w = layer.weight.data.float()
+    if full:
+        w = all_gather_cat(w, layer.tp_group, dim=1)
+    group = getattr(q.fmt, "block_size", None) or 1
+    if w.shape[1] % group:
+        warn(f"gptq: {name}: input dim {w.shape[1]} is not a multiple of block {group}; kept RTN")
+        return None, None
+    amax = None
+    if q.fmt.needs_amax:
+        amax = q.fmt.compute_amax(w) if full else weight_amax(layer, w)
+        if amax.dim() and amax.shape[0] != w.shape[0]:
+            warn(f"gptq: {name}: per-input-channel weight amax is not supported; kept RTN")
+            return None, None
+    block = -(-max(opts.block, group) // group) * group
+    out = gptq_quantize(w, st.hessian / max(st.count, 1), ColumnQuantizer(q.fmt, amax), block,
+                        opts.damp)
+    if out is None:
+        warn(f"gptq: {name}: the Hessian of its inputs is singular or non-finite (damp="
+             f"{opts.damp}); this layer keeps round-to-nearest weights. Raise calib.damp or use "
+             "more calibration tokens.")
+        return None, None
+    if full and group_size(layer.tp_group) > 1:
+        out = out.chunk(group_size(layer.tp_group), dim=1)[dist.get_rank(layer.tp_group)]
+    return out, amax
+
+
+def run(model, opts: Options, forward_loop, dp_group) -> dict:
+    pins = {}
+    layers = quant_linears(model)
+    bar = progress(layers, "gptq")
+    for part in chunks(layers, opts.layers_per_pass):
+        stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True, full_input=True)
+        for name, layer in part:
+            w, amax = _quantize_layer(name, layer, stats.pop(name), opts)
+            if w is not None:
+                layer.weight.data.copy_(w.to(layer.weight.dtype))
+                if amax is not None and layer.weight_quantizer.mode == "static":
+                    pins[layer.weight_quantizer] = amax
+            bar.update(1)
+    bar.close()
+    return pins

@@ -1,0 +1,117 @@
+"""MSE scale search: pick the weight scales that minimise each tensor's quantization error.
+
+Max calibration maps the largest |w| to the top of the grid. That never clips, but one large
+value stretches the grid for everything else; clipping it a little usually lowers the total
+squared error ``||Q(w) - w||^2``. This module searches, per scale group, a clip ratio ``r`` from
+``linspace(min_ratio, 1, ratios)`` (``r = 1`` is max calibration, so the search never loses):
+
+1. **Per-tensor / per-channel amax** (FP8, INT8, NVFP4's global scale): candidates
+   ``amax_r = r * amax``; error ``||fake_quantize(W, amax_r) - W||^2`` summed over the tensor (or
+   each output row for a per-channel amax). The chosen amax is *pinned*: stored after max
+   calibration in place of the max.
+2. **Per-block scales** (NVFP4 blocks of 16, INT4 blocks of 128, MX blocks of 32): the block
+   scales are computed at run time from each block's max, so a smaller block scale is obtained
+   by clipping the block itself: candidates ``clamp(W_b, -r m_b, r m_b)`` with ``m_b`` the block's
+   max; the error is measured against the unclipped ``W_b``. The winning clipped weights are
+   written into the layer, so the statically stored weights carry the chosen block scales and
+   the run-time quantization reproduces exactly the evaluated result.
+
+Weights only: activation scales stay max-calibrated (an activation outlier carries signal,
+and clipping it is what SmoothQuant avoids by other means).
+
+Parallel rules: the error of a TP-shared amax (per tensor; per channel of a row-parallel weight,
+whose rows are split over ranks) is SUM-reduced over TP before the argmin, so every rank picks
+the same ``r``; a per-channel amax of a column-parallel weight and every block are local (blocks
+lie along the input dim and never straddle a shard: ``in/tp`` must be a multiple of the block
+size, as for RTN). Weights are identical over DP: no DP reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megaquant.calib.algorithms import all_reduce, progress, quant_linears, warn, weight_amax
+from megaquant.calib.sync import SyncItem, tp_reduced
+
+NEEDS_DATA = False
+
+
+@dataclass(frozen=True)
+class Options:
+    ratios: int = 16  # candidates per search
+    min_ratio: float = 0.5  # smallest clip ratio tried
+    blocks: bool = True  # also search block clipping for block formats
+
+    def __post_init__(self):
+        if self.ratios < 1 or not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError("mse needs ratios >= 1 and 0 < min_ratio <= 1")
+
+
+def check(roles) -> None:
+    if not any(r == "weight" and c is not None for r, c in roles):
+        raise ValueError("MSE search works on weight scales, but the recipe quantizes no weights")
+
+
+def candidate_ratios(opts: Options) -> list[float]:
+    return torch.linspace(opts.min_ratio, 1.0, opts.ratios).tolist() if opts.ratios > 1 else [1.0]
+
+
+def search_amax(fmt, w: torch.Tensor, amax: torch.Tensor, ratios, reduce) -> torch.Tensor:
+    """The amax (same shape as ``amax``) minimising ``||fake_quantize(w, r amax) - w||^2`` per
+    scale group; ``reduce(err)`` sums the error over the ranks sharing that group."""
+    best_err, best = None, amax.clone()
+    for r in ratios:
+        err = (fmt.fake_quantize(w, amax * r) - w).double().pow(2)
+        err = err.sum() if amax.numel() == 1 else err.sum(dim=1, keepdim=True)
+        err = reduce(err.reshape(amax.shape))
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = torch.where(better, amax * r, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def search_block_clip(fmt, w: torch.Tensor, amax, ratios) -> torch.Tensor:
+    """``w`` with each block clipped at the ratio of its max that minimises the block's error."""
+    bs = fmt.block_size
+    rows, cols = w.shape
+    m = w.abs().reshape(rows, cols // bs, bs).amax(-1, keepdim=True)
+    best_err, best_r = None, torch.ones_like(m)
+    for r in ratios:
+        lim = (m * r).expand(-1, -1, bs).reshape(rows, cols)
+        wc = torch.minimum(torch.maximum(w, -lim), lim)
+        err = (fmt.fake_quantize(wc, amax) - w).pow(2).reshape(rows, cols // bs, bs).sum(-1, True)
+        if best_err is None:
+            best_err, best_r = err, torch.full_like(m, r)
+            continue
+        better = err < best_err
+        best_r = torch.where(better, torch.full_like(m, r), best_r)
+        best_err = torch.where(better, err, best_err)
+    lim = (m * best_r).expand(-1, -1, bs).reshape(rows, cols)
+    return torch.minimum(torch.maximum(w, -lim), lim)
+
+
+def run(model, opts: Options, forward_loop, dp_group) -> dict:
+    pins, ratios = {}, candidate_ratios(opts)
+    for name, layer in progress(quant_linears(model), "mse"):
+        q, w = layer.weight_quantizer, layer.weight.data.float()
+        # A dynamic weight amax is recomputed at every forward: nothing to pin, clip blocks only.
+        amax = weight_amax(layer, w) if q.mode == "static" else None
+        if amax is not None:
+            item = SyncItem(name, q, layer.partition_axes.get("weight"), w.shape, "weight")
+            shared = tp_reduced(item)
+            reduce = lambda e: all_reduce(e, layer.tp_group, "sum") if shared else e  # noqa: E731
+            amax = search_amax(q.fmt, w, amax, ratios, reduce)
+            pins[q] = amax
+        bs = getattr(q.fmt, "block_size", None)
+        if opts.blocks and bs:
+            if w.shape[1] % bs:
+                warn(f"mse: {name}: input dim {w.shape[1]} is not a multiple of block {bs}; "
+                     "block clipping skipped for this layer")
+                continue
+            layer.weight.data.copy_(search_block_clip(q.fmt, w, amax, ratios))
+    return pins

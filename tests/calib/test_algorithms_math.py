@@ -1,0 +1,119 @@
+"""The algorithms' numerics on synthetic layers, against independent references.
+
+Each algorithm is judged by what it promises: SmoothQuant leaves the float product unchanged and
+lowers the W8A8 error when activations have outlier channels; MSE never loses to max on the
+weight error; AWQ's objective equals the explicit output error and beats RTN on outlier inputs;
+GPTQ lowers the output error ``||X (Q - W)^T||`` below round-to-nearest and leaves weights on the
+format's grid. References are computed directly in float64 from X and W.
+"""
+
+import pytest
+import torch
+
+from megaquant.calib import awq, gptq, mse, smoothquant
+from megaquant.formats import get_format
+
+
+def _data(seed=0, tokens=512, d_in=128, d_out=64, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g) * 0.3 + torch.eye(d_in)  # correlated channels
+    x = torch.randn(tokens, d_in, generator=g) @ mix
+    if outliers:
+        x[:, :4] *= 60.0  # a few outlier channels, as in LLM activations
+    w = torch.randn(d_out, d_in, generator=g) * 0.05
+    return x, w
+
+
+def _out_err(x, w_q, w):
+    return float(((x.double() @ (w_q.double() - w.double()).t()) ** 2).sum())
+
+
+def test_smoothquant_scale_keeps_product_and_lowers_w8a8_error():
+    x, w = _data()
+    s = smoothquant.smoothing_scale(x.abs().amax(0), w.abs().amax(0), alpha=0.5, min_scale=1e-5)
+    xs, ws = x / s, w * s
+    torch.testing.assert_close(xs @ ws.t(), x @ w.t(), rtol=1e-4, atol=1e-3)
+    act, wt = get_format("int8"), get_format("int8", axis=0)
+
+    def w8a8_err(xx, ww):
+        yq = act.fake_quantize(xx, act.compute_amax(xx)) @ wt.fake_quantize(ww, wt.compute_amax(ww)).t()
+        return float(((yq.double() - (x @ w.t()).double()) ** 2).sum())
+
+    assert w8a8_err(xs, ws) < 0.5 * w8a8_err(x, w)
+
+
+def test_smoothquant_scale_matches_formula_and_guards_dead_channels():
+    xa = torch.tensor([4.0, 0.0, 9.0, 1.0])
+    wa = torch.tensor([1.0, 2.0, 0.0, 0.25])
+    s = smoothquant.smoothing_scale(xa, wa, alpha=0.5, min_scale=1e-5)
+    want = torch.tensor([2.0 / 1.0, 1.0, 1.0, 1.0 / 0.5])
+    torch.testing.assert_close(s, want)
+
+
+@pytest.mark.parametrize("fmt", [get_format("nvfp4"), get_format("int4", block_size=32),
+                                 get_format("mxfp4"), get_format("fp8"), get_format("int8", axis=0)])
+def test_mse_never_loses_to_max_on_weight_error(fmt):
+    _, w = _data(1)
+    w[3, 5] = 1.5  # one large weight stretches its block / row / tensor
+    opts = mse.Options()
+    ratios = mse.candidate_ratios(opts)
+    amax = fmt.compute_amax(w) if fmt.needs_amax else None
+    rtn = float((fmt.fake_quantize(w, amax) - w).pow(2).sum())
+    if amax is not None:
+        amax = mse.search_amax(fmt, w, amax, ratios, lambda e: e)
+    wc = mse.search_block_clip(fmt, w, amax, ratios) if getattr(fmt, "block_size", None) else w
+    got = float((fmt.fake_quantize(wc, amax) - w).pow(2).sum())
+    assert got <= rtn * (1 + 1e-6)
+    if fmt.name in ("nvfp4", "int4"):  # coarse grids in small blocks: clipping pays
+        assert got < rtn * 0.995
+
+
+def test_awq_objective_is_the_output_error():
+    x, w = _data(2)
+    d = torch.randn_like(w) * 1e-3
+    h = (x.t() @ x).float()
+    torch.testing.assert_close(float(awq.output_error(d, h)), _out_err(x, w + d, w), rtol=1e-4, atol=0)
+
+
+def _rtn(fmt, w):
+    return fmt.fake_quantize(w, fmt.compute_amax(w) if fmt.needs_amax else None)
+
+
+def test_awq_search_beats_rtn_on_outlier_inputs():
+    x, w = _data(3)
+    fmt = get_format("int4", block_size=32)
+    h = (x.t() @ x).float() / x.shape[0]
+    best, best_err = None, None
+    for k in range(20):  # the search awq._search runs, written out with the explicit error
+        s = awq.awq_scales(x.abs().mean(0), k / 20)
+        e = _out_err(x, fmt.fake_quantize(w * s) / s, w)
+        if best_err is None or e < best_err:
+            best, best_err = s, e
+    assert best_err < 0.8 * _out_err(x, _rtn(fmt, w), w)
+    assert float(awq.output_error(fmt.fake_quantize(w * best) / best - w, h)) == pytest.approx(
+        best_err / x.shape[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("name,opts", [("int4", {"block_size": 32}), ("nvfp4", {}),
+                                       ("mxfp4", {}), ("fp8", {}), ("int8", {"axis": 0})])
+def test_gptq_lowers_output_error_and_stays_on_grid(name, opts):
+    x, w = _data(4, outliers=False)
+    fmt = get_format(name, **opts)
+    amax = fmt.compute_amax(w) if fmt.needs_amax else None
+    h = (x.t() @ x).double()
+    q = gptq.gptq_quantize(w, h, gptq.ColumnQuantizer(fmt, amax), block=64, damp=0.01)
+    assert q is not None and torch.isfinite(q).all()
+    assert _out_err(x, q, w) < 0.9 * _out_err(x, _rtn(fmt, w), w)
+    # What the layer will compute at run time is the stored weight re-quantized: on the grid.
+    requant = fmt.fake_quantize(q, amax)
+    assert float((requant - q).abs().max()) <= 1e-6 * float(w.abs().max()) or \
+        float((requant != q).float().mean()) < 0.02
+
+
+def test_gptq_singular_hessian_returns_none_instead_of_nan():
+    _, w = _data(5)
+    h = torch.ones(w.shape[1], w.shape[1], dtype=torch.float64)  # rank 1: Cholesky must fail
+    fmt = get_format("int4", block_size=32)
+    assert gptq.gptq_quantize(w, h, gptq.ColumnQuantizer(fmt, None), block=64, damp=0.0) is None
+    h[0, 1] = float("nan")
+    assert gptq.gptq_quantize(w, h, gptq.ColumnQuantizer(fmt, None), block=64, damp=0.01) is None
