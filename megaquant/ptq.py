@@ -21,6 +21,7 @@ def quantize(
     dp_group=None,
     world_group=None,
     calib: "str | dict | CalibConfig | None" = None,
+    share_expert_inputs: bool = False,
 ) -> ConversionReport:
     """Quantize ``model`` in place and return what was converted and skipped.
 
@@ -34,13 +35,17 @@ def quantize(
     "grid": 10}``; ``"max"`` for plain round-to-nearest). The algorithm runs before max
     calibration and may rewrite weights and norms (:mod:`megaquant.calib.algorithms`); the amax
     values it rounded with are stored after max calibration.
+
+    ``share_expert_inputs``: give all routed experts one input amax (the max over every expert
+    on every EP rank), as a grouped GEMM with a single activation scale needs.
     """
     recipe = load_recipe(recipe)
     algo = _calib_config(recipe, calib)
     report = convert_model(model, recipe)
     apply_recipe(model, recipe, report)
     pins = run_algorithm(model, algo, forward_loop, dp_group)
-    report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group)
+    report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group,
+                                   share_expert_inputs=share_expert_inputs)
     apply_pins(pins)
     report.calibration["algorithm"] = algo.algorithm
     if algo.algorithm != "max" and get_algorithm(algo.algorithm).NEEDS_DATA:
