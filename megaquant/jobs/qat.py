@@ -1,0 +1,198 @@
+"""The QAT / QAD job: build, (calibrate or load PTQ state), train with fake quantization, save.
+
+Runs under torchrun, srun or a single process, on CPU (gloo) or GPU (NCCL). Config:
+``configs/qat.yaml`` (NeMo layout: ``trainer.*``, ``model.*``, ``model.quantization``,
+``model.optim``, ``model.distill``). Writes to ``run.output_dir``: ``checkpoints/step_*``
+(train checkpoints: weights, quantizer and optimizer state, RNG) with ``checkpoints/latest``,
+and ``summary.json``. Resumes from ``checkpoints/latest`` when ``trainer.resume`` is true.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from megaquant.jobs.common import is_rank0, load_model_source, resolve_text, token_batches, \
+    write_json_atomic
+from megaquant.train.config import (BatchConfig, DistillConfig, OptimConfig, TrainerConfig,
+                                    resolve_precision)
+
+log = logging.getLogger("megaquant.qat")
+MODEL_KEYS_OWN = ("optim", "distill", "quantization", "init_from", "micro_batch_size",
+                  "global_batch_size")
+
+
+def register_quantization_group() -> None:
+    """Recipes as the Hydra group ``model/quantization`` (placed at ``model.quantization``).
+
+    The same files ``jobs.hydra.register_recipes`` registers as ``recipe`` for PTQ; QAT needs
+    them where NeMo keeps its quantization settings. Also registers the ``mq_mode`` resolver
+    (``qat``/``qad``) that names the output directory.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from megaquant.recipe import RECIPE_DIR
+
+    cs = ConfigStore.instance()
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        cs.store(group="model/quantization", name=path.stem, node=OmegaConf.load(path))
+    if not OmegaConf.has_resolver("mq_mode"):
+        OmegaConf.register_new_resolver("mq_mode", lambda qad: "qad" if qad else "qat")
+
+
+def nemo_style_overrides(argv: list[str]) -> list[str]:
+    """Rewrite NeMo's ``model.quantization=NAME`` into Hydra's group syntax.
+
+    NeMo users choose the recipe with a dot (``model.quantization=nvfp4``); Hydra chooses a
+    config-group option with a slash (``model/quantization=nvfp4``) and removes one with
+    ``~model/quantization``. Field overrides (``model.quantization.<field>=...``) are already
+    plain value overrides and pass through, as does every other argument.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "model.quantization":
+            out.append("~model/quantization" if value in ("null", "None", "none", "")
+                       else f"model/quantization={value}")
+        else:
+            out.append(arg)
+    return out
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def resolve_init_from(path: str | None) -> Path | None:
+    """A PTQ output directory or its ``checkpoint/`` subdirectory -> the checkpoint directory."""
+    if path is None:
+        return None
+    p = Path(path)
+    if (p / "checkpoint" / "megaquant.json").exists():
+        return p / "checkpoint"
+    if not (p / "megaquant.json").exists():
+        raise ValueError(f"model.init_from={path!r} is not a megaquant PTQ output (no "
+                         "megaquant.json in it or in its checkpoint/); run scripts/ptq.py first "
+                         "or set model.init_from=null to calibrate here")
+    return p
+
+
+def _settings(cfg: DictConfig):
+    from megaquant.integrations.nemo import recipe_dict
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    quant = model.get("quantization")
+    recipe = None if quant is None else recipe_dict(quant)
+    trainer = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    optim = OptimConfig.from_dict(model.get("optim"))
+    distill = DistillConfig.from_dict(model.get("distill"))
+    batch = BatchConfig(int(model["global_batch_size"]), int(model["micro_batch_size"]))
+    return model, recipe, trainer, optim, distill, batch
+
+
+def _data(cfg: DictConfig, tokenizer, seq: int):
+    d = cfg.data
+    train_path = resolve_text(d.get("train_text") or d.calib_text, "default_calib_text")
+    eval_path = resolve_text(d.eval_text, "default_eval_text")
+    train = torch.cat(token_batches(train_path, tokenizer, int(d.train_samples), seq, 1))
+    calib = [b[:, :-1] for b in token_batches(train_path, tokenizer, int(d.calib_samples), seq,
+                                               int(d.micro_batch))]
+    evals = token_batches(eval_path, tokenizer, int(d.eval_samples), seq, int(d.micro_batch))
+    return train, calib, evals
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.integrations.nemo import quantize_for_training
+    from megaquant.jobs.ptq import build_model
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+    from megaquant.train.loop import train
+    from megaquant.train.optim import build_optimizer
+    from megaquant.train.state import (check_compatible, latest_checkpoint, load_train_state,
+                                       save_train_state)
+    from megaquant.train.step import StepContext
+
+    t0 = time.perf_counter()
+    model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
+    init_from = resolve_init_from(model_cfg.get("init_from"))
+    ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
+    latest = latest_checkpoint(ckpt_root) if trainer.resume else None
+    if latest is not None:  # a recipe mismatch fails now, not after calibration
+        check_compatible(latest, recipe)
+    env = init_distributed(timeout_s=float(cfg.run.timeout_s))
+    par = cfg.parallel
+    loaded = load_model_source(model_cfg)
+    loaded.arch.check_tensor_parallel(int(par.tp))
+    groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
+                                 seed=int(cfg.run.seed))
+    batch.micro_batches_per_rank(groups.dp)
+    model = build_model(loaded, groups, "spec")
+    train_windows, calib, evals = _data(cfg, loaded.tokenizer, int(model_cfg["seq_length"]))
+    teacher = None
+    if distill.enabled:
+        teacher = build_model(loaded, groups, "spec")  # same weights, quantizers stay off
+        teacher.load_state_dict(model.state_dict(), strict=True)
+        teacher.eval().requires_grad_(False)
+    evaluate = lambda m: evaluate_loss(m, evals, groups.dp_group)  # noqa: E731
+    losses = {"fp": evaluate(model)}
+    quantize_for_training(model, recipe, lambda m: run_forward(m, calib, "calibrate",
+                                                               groups.dp_group),
+                          dp_group=groups.dp_group, init_from=init_from)
+    losses["ptq"] = evaluate(model) if recipe is not None else losses["fp"]
+
+    precision = resolve_precision(trainer.precision, torch.cuda.is_available(),
+                                  torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    optimizer = build_optimizer(model, optim)
+    layout = {"tp": groups.tp, "dp": groups.dp, "world_size": env.world_size}
+    meta = {"recipe": None if recipe is None else recipe.get("name"), "recipe_config": recipe,
+            "arch": dict(vars(loaded.arch)), "distill": vars(distill),
+            "parallel": {"tp": groups.tp, "dp": groups.dp}}
+    start = 0
+    if latest is not None:
+        start = load_train_state(model, optimizer, latest, recipe_config=recipe,
+                                 layout=layout)["step"]
+        if is_rank0():
+            log.info("resumed from %s at step %d", latest, start)
+    ctx = StepContext(train_windows, batch, groups.dp_group, groups.tp_group, distill, teacher,
+                      trainer.gradient_clip_val, precision)
+    t_setup = time.perf_counter()
+    records = train(model, optimizer, ctx, trainer=trainer, optim=optim, start_step=start,
+                    save=lambda step: save_train_state(model, optimizer, ckpt_root, step=step,
+                                                       metadata=meta,
+                                                       keep=trainer.keep_checkpoints),
+                    evaluate=lambda step: evaluate(model))
+    t_train = time.perf_counter()
+    losses["trained"] = evaluate(model)
+    summary = _summary(cfg, recipe, distill, groups, env, precision, losses, records, start,
+                       {"setup": t_setup - t0, "train": t_train - t_setup,
+                        "total": time.perf_counter() - t0})
+    if is_rank0():
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "summary.json", summary)
+        log.info("eval loss: fp %.4f | ptq %.4f | %s %.4f", losses["fp"], losses["ptq"],
+                 summary["mode"], losses["trained"])
+    return summary
+
+
+def _summary(cfg, recipe, distill, groups, env, precision, losses, records, start, wall) -> dict:
+    return {
+        "mode": "qad" if distill.enabled else "qat",
+        "recipe": None if recipe is None else recipe.get("name"),
+        "recipe_config": recipe,
+        "parallel": {"tp": groups.tp, "pp": groups.pp, "ep": groups.ep, "dp": groups.dp},
+        "world_size": env.world_size, "device": str(env.device), "precision": precision,
+        "optimizer": "torch.optim.AdamW (see megaquant/train/optim.py)",
+        "steps": {"start": start, "end": start + len(records)},
+        "eval": {f"loss_{k}": v for k, v in losses.items()} |
+                {f"ppl_{k}": _ppl(v) for k, v in losses.items()},
+        "train_losses": [r["loss"] for r in records],
+        "tokens_per_s": [r["tokens_per_s"] for r in records],
+        "wall_s": wall,
+    }

@@ -1,0 +1,210 @@
+"""Training checkpoints: weights, quantizer state, optimizer state, RNG and the step, in one
+Megatron distributed checkpoint, written atomically, loadable at another TP/DP layout.
+
+Built on :mod:`megaquant.megatron.checkpoint` (``save_checkpoint``/``load_checkpoint``), which
+takes any object with ``sharded_state_dict()`` and ``load_state_dict(state, strict)``;
+:class:`TrainState` is that object for a model plus its optimizer:
+
+* model entries: the model's own ``sharded_state_dict()`` (quantizer amax included, TP-sharded
+  where it is per channel);
+* optimizer entries: for every param, its AdamW ``exp_avg`` / ``exp_avg_sq`` described by
+  *the same* sharded description as the param (``dataclasses.replace`` of its ShardedTensor or
+  SwiGLU factory with a new key and the state tensor as data), as Megatron's own optimizers do.
+  So optimizer state reshards exactly like the weights: saved at TP=2, it loads at TP=1;
+* ``rng_state``: each rank's CPU/CUDA generator and RNG-tracker states, a ShardedObject per
+  rank. RNG streams are per rank, so they are restored only at the layout they were saved at;
+* metadata (``megaquant.json``): kind, recipe, step, layout, and the training config.
+
+Layout on disk: ``<dir>/step_0000010/`` (one checkpoint each) and ``<dir>/latest`` (a text file
+naming the newest). A save writes the step directory atomically (``save_checkpoint``), and
+only then replaces ``latest`` with ``os.replace``; a crash at any point leaves ``latest``
+naming a complete checkpoint. Old step directories beyond ``keep`` are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaquant.megatron.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+
+KIND = "megaquant-train-v1"
+OPT_PREFIX = "optimizer."
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+LATEST = "latest"
+
+
+class TrainState:
+    """A model and its optimizer seen as one checkpointable object (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 with_rng: bool = True):
+        self.model, self.optimizer, self.with_rng = model, optimizer, with_rng
+
+    def _param_states(self) -> dict[str, dict]:
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        return {by_id[id(p)]: s for p, s in self.optimizer.state.items() if id(p) in by_id}
+
+    def sharded_state_dict(self) -> dict:
+        sharded = self.model.sharded_state_dict()
+        if self.optimizer is not None:
+            sharded.update(self._optimizer_entries(sharded))
+        if self.with_rng:
+            from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+            rank, world = dist.get_rank(), dist.get_world_size()
+            sharded["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,),
+                                                 replica_id=0)
+        return sharded
+
+    def _optimizer_entries(self, sharded: dict) -> dict:
+        states = self._param_states()
+        params = dict(self.model.named_parameters())
+        out = {}
+        for name, param in params.items():
+            if name not in states:
+                raise RuntimeError(f"optimizer holds no state for {name}: initialise it first "
+                                   "(init_optimizer_state)")
+            entry = sharded.get(name)
+            if entry is None or getattr(entry, "data", None) is not param:
+                raise RuntimeError(f"parameter {name} has no sharded description of its own; "
+                                   "its optimizer state cannot be checkpointed")
+            for k in ADAM_KEYS:
+                out[f"{OPT_PREFIX}{k}.{name}"] = dataclasses.replace(
+                    entry, key=f"{OPT_PREFIX}{k}.{entry.key}", data=states[name][k])
+        return out
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        opt = {k: state.pop(k) for k in list(state) if k.startswith(OPT_PREFIX)}
+        rng = state.pop("rng_state", None)
+        self.model.load_state_dict(state, strict=strict)
+        if opt:
+            states = self._param_states()
+            for key, value in opt.items():
+                kind, name = key[len(OPT_PREFIX):].split(".", 1)
+                states[name][kind].copy_(value)
+        if rng is not None:
+            set_rng_state(rng)
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Give every param AdamW state (zeros if new) with step count ``step``, before a load."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            s = optimizer.state[p]
+            for k in ADAM_KEYS:
+                if k not in s:
+                    s[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["step"] = torch.tensor(float(step))
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ directories
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``<root>/latest`` names, or None when there is none yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    target = Path(root) / pointer.read_text().strip()
+    if not target.is_dir():
+        raise FileNotFoundError(f"{pointer} names {target}, which does not exist; delete "
+                                f"{pointer} to start over or restore the directory")
+    return target
+
+
+def save_train_state(model: nn.Module, optimizer, root: str | Path, *, step: int,
+                     metadata: dict[str, Any], keep: int = 2) -> Path:
+    """Collective: write ``<root>/step_<step>`` and point ``<root>/latest`` at it."""
+    root = Path(root).absolute()
+    meta = {**metadata, "kind": KIND, "step": step}
+    if optimizer is not None and not optimizer.state:
+        init_optimizer_state(optimizer, 0)  # zeros at step 0 are what a fresh AdamW starts from
+    target = save_checkpoint(TrainState(model, optimizer), step_dir(root, step), metadata=meta)
+    if dist.get_rank() == 0:
+        tmp = root / f".{LATEST}.tmp"
+        tmp.write_text(target.name + "\n")
+        os.replace(tmp, root / LATEST)  # the commit point: atomic on POSIX
+        olds = sorted(p for p in root.glob("step_*") if p.is_dir() and p != target)
+        for old in olds[:max(0, len(olds) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def describe_recipe(cfg: dict | None) -> str:
+    """``'nvfp4' (weight nvfp4, input nvfp4)`` — how errors name a recipe and its formats."""
+    if cfg is None:
+        return "no quantization (model.quantization=null)"
+    fmts = sorted({f"{role} {q['format']}" for rule in cfg.get("rules", [])
+                   for role, q in rule.items() if isinstance(q, dict) and "format" in q})
+    return f"{cfg.get('name', 'custom')!r} ({', '.join(fmts)})"
+
+
+def check_compatible(directory: str | Path, recipe_config: dict | None, *,
+                     kind: str = KIND) -> dict:
+    """The checkpoint's metadata, or a ValueError naming both recipes / kinds when they differ."""
+    record = read_metadata(directory)
+    meta = record.get("metadata", {})
+    saved_kind = meta.get("kind", "ptq")
+    if saved_kind != kind:
+        hint = ("; start from a PTQ output with model.init_from=DIR instead of resuming from it"
+                if saved_kind == "ptq" else "")
+        raise ValueError(f"{directory} is a {saved_kind!r} checkpoint but a {kind!r} checkpoint "
+                         f"was expected{hint}")
+    saved = meta.get("recipe_config")
+    if _norm(saved) != _norm(recipe_config):
+        raise ValueError(f"{directory} was made with recipe {describe_recipe(saved)}, but this run "
+                         f"uses {describe_recipe(recipe_config)}; set model.quantization to the "
+                         "checkpoint's recipe or start from another directory")
+    return record
+
+
+def _norm(cfg: dict | None) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,
+                     recipe_config: dict | None, layout: dict) -> dict:
+    """Collective: load a train checkpoint into ``model`` (+ ``optimizer``); return its metadata.
+
+    ``model`` must already be quantized with ``recipe_config`` (so its amax buffers exist).
+    ``layout`` (``{"tp":.., "dp":.., "world_size":..}``) decides whether the per-rank RNG
+    streams can be restored; weights, quantizer and optimizer state load at any layout.
+    """
+    record = check_compatible(directory, recipe_config)
+    meta = record["metadata"]
+    saved = record["parallel"]
+    same = all(saved.get(k) == v for k, v in layout.items())
+    if optimizer is not None:
+        init_optimizer_state(optimizer, meta["step"])
+    load_checkpoint(TrainState(model, optimizer, with_rng=same), directory)
+    return meta
