@@ -51,10 +51,8 @@ def recipe_from_config(cfg: Any) -> dict | str | None:
 def _plain(cfg: Any) -> Any:
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return dataclasses.asdict(cfg)
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # omegaconf is a dependency (via hydra-core); a dict still works
-        return cfg
+    from omegaconf import DictConfig, OmegaConf  # a dependency, via hydra-core
+
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
