@@ -23,3 +23,33 @@ def shard_state_dict(model, full_state, tp_rank: int, tp: int) -> None:
             shard.copy_(torch.cat([gate.chunk(tp, dim)[tp_rank], up.chunk(tp, dim)[tp_rank]], dim))
         else:
             shard.copy_(full.chunk(tp, dim=dim)[tp_rank])
+
+
+def unsharded_amax(model, rename=lambda name: name) -> dict:
+    """Every calibrated amax of ``model``, TP-sharded per-channel ones all-gathered over the
+    layer's own TP group (SwiGLU fc1 rows re-ordered from per-rank [gate_r; up_r] to
+    [gate; up]), keyed by ``rename(<layer>.<quantizer>)``: comparable with a TP=1 model."""
+    import torch.distributed as dist
+
+    from megaquant.calib.sync import sharded_amax_axis
+    from megaquant.nn.base import QuantModuleMixin
+
+    out = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantModuleMixin):
+            continue
+        group = layer.tp_group
+        for qname, role, q in layer.quantizers():
+            if not q.has_amax:
+                continue
+            amax = q.amax
+            axis = sharded_amax_axis(q.fmt, layer.partition_axes.get(role), amax.dim())
+            if axis is not None and dist.get_world_size(group) > 1:
+                parts = [torch.empty_like(amax) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, amax.contiguous(), group=group)
+                if "linear_fc1" in name and axis == 0:
+                    halves = [p.chunk(2, dim=0) for p in parts]
+                    parts = [h[0] for h in halves] + [h[1] for h in halves]
+                amax = torch.cat(parts, dim=axis)
+            out[rename(f"{name}.{qname}")] = amax.clone()
+    return out

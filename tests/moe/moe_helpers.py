@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.distributed as dist
 
 SEQ = 16  # inputs of 16 tokens: divisible by TP=2 under sequence parallelism
 RECIPES = ("fp8_per_channel", "nvfp4")
@@ -79,28 +78,9 @@ def force_empty_expert(model, expert: int = EMPTY_EXPERT) -> None:
 
 def global_amax(model, ep_rank: int, num_local: int) -> dict:
     """Every amax under global expert names, TP-sharded per-channel ones all-gathered."""
-    from megaquant.calib.sync import sharded_amax_axis
-    from megaquant.nn.base import QuantModuleMixin
+    from tests.sharding import unsharded_amax
 
-    out = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QuantModuleMixin):
-            continue
-        group = layer.tp_group
-        for qname, role, q in layer.quantizers():
-            if not q.has_amax:
-                continue
-            amax = q.amax
-            axis = sharded_amax_axis(q.fmt, layer.partition_axes.get(role), amax.dim())
-            if axis is not None and dist.get_world_size(group) > 1:
-                parts = [torch.empty_like(amax) for _ in range(dist.get_world_size(group))]
-                dist.all_gather(parts, amax.contiguous(), group=group)
-                if "linear_fc1" in name and axis == 0:  # SwiGLU rows per rank: [gate_r; up_r]
-                    halves = [p.chunk(2, dim=0) for p in parts]
-                    parts = [h[0] for h in halves] + [h[1] for h in halves]
-                amax = torch.cat(parts, dim=axis)
-            out[global_name(f"{name}.{qname}", ep_rank, num_local)] = amax.clone()
-    return out
+    return unsharded_amax(model, lambda name: global_name(name, ep_rank, num_local))
 
 
 def quantize_layout(groups, cfg, full_state, recipe: str, *, empty_expert: bool = False,

@@ -10,7 +10,6 @@ are float32 forwards (atol 1e-4 on a loss of ~5.5).
 
 import pytest
 import torch
-import torch.distributed as dist
 import yaml
 
 from tests.distributed_utils import run_ranks
@@ -25,28 +24,10 @@ def _batches(n, seed):
 
 
 def _full_amax(model, tp_group):
-    """Every amax, with TP-sharded per-channel ones all-gathered along their sharded axis."""
-    from megaquant.calib.sync import sharded_amax_axis
-    from megaquant.nn.base import QuantModuleMixin
+    """Every amax in unsharded form (each layer gathers over its own TP group, ``tp_group``)."""
+    from tests.sharding import unsharded_amax
 
-    out = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QuantModuleMixin):
-            continue
-        for qname, role, q in layer.quantizers():
-            if not q.has_amax:
-                continue
-            axis = sharded_amax_axis(q.fmt, layer.partition_axes.get(role), q.amax.dim())
-            amax = q.amax
-            if axis is not None and dist.get_world_size(tp_group) > 1:
-                parts = [torch.empty_like(amax) for _ in range(dist.get_world_size(tp_group))]
-                dist.all_gather(parts, amax.contiguous(), group=tp_group)
-                if "linear_fc1" in name and axis == 0:  # SwiGLU rows per rank: [gate_r; up_r]
-                    halves = [p.chunk(2, dim=0) for p in parts]
-                    parts = [h[0] for h in halves] + [h[1] for h in halves]
-                amax = torch.cat(parts, dim=axis)
-            out[f"{name}.{qname}"] = amax.clone()
-    return out
+    return unsharded_amax(model)
 
 
 def _quantize_all(groups, tp, sp, full_state):
