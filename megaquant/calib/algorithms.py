@@ -18,8 +18,8 @@ Every algorithm is one module with a docstring that teaches it, and the same int
 
 Helpers shared by the algorithms live here too: finding the quantized linears, capturing their
 input statistics with forward hooks (quantizers off, so statistics are those of the unquantized
-model), tensor-parallel gathers and reductions, and folding a per-input-channel scale into the
-operation that produces a linear's input.
+model), and tensor-parallel gathers and reductions. Folding a per-input-channel scale into the
+operation that produces a linear's input lives in :mod:`megaquant.calib.fold`.
 
 Parallel rules shared by all algorithms (each module adds its own beside its code):
 
@@ -214,14 +214,24 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # per input channel, sum |x|
     hessian: torch.Tensor | None = None  # sum x x^T over tokens
     count: int = 0
+    samples: list = field(default_factory=list)  # every k-th token's x (float32 rows)
+
+    def sample_matrix(self, width: int) -> torch.Tensor:
+        """The sampled tokens as one [tokens, width] matrix (empty when this rank saw none)."""
+        return torch.cat(self.samples) if self.samples else torch.zeros(0, width)
 
 
 def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[str, nn.Module]],
-                   dp_group, *, hessian: bool, full_input: bool) -> dict[str, InputStats]:
+                   dp_group, *, hessian: bool, full_input: bool,
+                   sample_stride: int = 0) -> dict[str, InputStats]:
     """Run ``forward_loop`` with quantizers off and hooks on ``layers``; returns synced stats.
 
     ``full_input``: all-gather row-parallel inputs over TP so that stats cover the full input
-    dimension (AWQ, GPTQ); otherwise a row-parallel layer's stats stay sharded (SmoothQuant).
+    dimension (AWQ, GPTQ, SmoothQuant's search); otherwise a row-parallel layer's stats stay
+    sharded. ``sample_stride`` > 0 also keeps every k-th token of every batch (rows of the full
+    input; under sequence parallelism the sequence is all-gathered first, so the same positions
+    are kept at any TP size). Samples are not reduced: an algorithm sums its per-token errors
+    over DP itself (a sum over tokens is additive over ranks).
     """
     from megaquant.quantizer import disable_quantizers, enable_quantizers
 
@@ -235,8 +245,13 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
             x = x.detach().float()
             if gather:
                 x = all_gather_cat(x, layer.tp_group, dim=-1)
-            x = x.reshape(-1, x.shape[-1])
             s = stats[name]
+            if sample_stride > 0:
+                full = x
+                if not is_row_parallel(layer) and getattr(layer, "sequence_parallel", False):
+                    full = all_gather_cat(x, layer.tp_group, dim=0)  # [s, b, h]: sequence first
+                s.samples.append(full.reshape(-1, full.shape[-1])[::sample_stride].clone())
+            x = x.reshape(-1, x.shape[-1])
             a, xa = x.abs().amax(0), x.abs().sum(0, dtype=torch.float64)
             s.amax = a if s.amax is None else torch.maximum(s.amax, a)
             s.abs_sum = xa if s.abs_sum is None else s.abs_sum + xa
@@ -288,51 +303,3 @@ def chunks(items: list, size: int) -> list[list]:
     if size <= 0:
         return [items]
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-# ------------------------------------------------------------------------ folding scales
-def producer_of(model: nn.Module, name: str):
-    """What produces linear ``name``'s input, where a per-channel scale can be folded in.
-
-    ``("norm", module)`` for ``linear_qkv`` (input_layernorm) and ``linear_fc1``
-    (pre_mlp_layernorm); ``("fc1_up", fc1)`` for ``linear_fc2`` of a gated (SwiGLU) MLP, whose
-    input is ``act(gate) * up``, linear in the up rows. None otherwise (``linear_proj``: its
-    input comes from attention, where a scale would need a ``pre_quant_scale``).
-    """
-    parent, _, leaf = name.rpartition(".")
-    try:
-        if leaf == "linear_qkv":
-            norm = model.get_submodule(parent.rpartition(".")[0] + ".input_layernorm")
-        elif leaf == "linear_fc1":
-            norm = model.get_submodule(parent.rpartition(".")[0] + ".pre_mlp_layernorm")
-        elif leaf == "linear_fc2":
-            fc1 = model.get_submodule(parent + ".linear_fc1")
-            gated = bool(getattr(getattr(fc1, "config", None), "gated_linear_unit", False))
-            return ("fc1_up", fc1) if gated else None
-        else:
-            return None
-    except AttributeError:
-        return None
-    return ("norm", norm) if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
-
-
-def fold_input_scale(layer: nn.Module, producer, s: torch.Tensor) -> None:
-    """Make ``layer``'s input ``x / s`` and its weight ``W * s``: the float output is unchanged.
-
-    ``s`` is this rank's slice of the input channels (the whole vector for a column-parallel
-    layer). For ``fc1_up`` the local up rows are the second half of the local fc1 rows
-    (Megatron keeps ``[gate_r; up_r]`` per rank), matching this rank's fc2 input channels.
-    """
-    kind, mod = producer
-    w = layer.weight.data
-    w.mul_(s.to(w.dtype)[None, :])
-    if kind == "norm":
-        mod.weight.data.div_(s.to(mod.weight.dtype))
-        if getattr(mod, "bias", None) is not None:
-            mod.bias.data.div_(s.to(mod.bias.dtype))
-        return
-    up = mod.weight.data[mod.weight.shape[0] // 2:]
-    up.div_(s.to(up.dtype)[:, None])
-    bias = getattr(mod, "bias", None)
-    if bias is not None and bias.numel() == mod.weight.shape[0]:
-        bias.data[bias.numel() // 2:].div_(s.to(bias.dtype))

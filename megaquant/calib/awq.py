@@ -16,9 +16,19 @@ the layer's output error over the calibration tokens,
     || X (Q(W s)/s - W)^T ||^2 = sum over rows r of  d_r^T H d_r,   H = X^T X,
 
 evaluated from the Hessian ``H`` captured once (no activations kept; cost ``out x in^2`` per
-candidate). Scales are folded like SmoothQuant's: into the norm before ``linear_qkv`` and
-``linear_fc1``, and into the ``up`` rows of ``linear_fc1`` before ``linear_fc2`` (SwiGLU);
-``linear_proj`` keeps RTN (it would need a ``pre_quant_scale``).
+candidate). Scales are folded like SmoothQuant's (:mod:`megaquant.calib.fold`): into the norm
+before ``linear_qkv`` and ``linear_fc1``, into the ``up`` rows of ``linear_fc1`` before
+``linear_fc2`` (SwiGLU), and into the ``V`` rows of ``linear_qkv`` before ``linear_proj`` (the
+mean magnitudes are averaged over the query heads sharing a V under GQA, so ``s`` is tied).
+
+Clipping (``clip: true``, AWQ's second step): for block formats, each block of the scaled
+weight ``W s`` is then clipped at the ratio ``r`` of its max (``clip_ratios`` points in
+``[clip_min, 1]``; ``r = 1`` is no clipping) that minimises the block's share of the output
+error, ``d_b^T H'_bb d_b`` with ``H' = H / (s s^T)`` the Hessian of ``x / s`` and ``d_b`` the
+block's quantization error against the unclipped weights (the block-diagonal part of the
+output error; cross-block terms are ignored, as AWQ does). The run-time block scale is computed
+from the block max, so the clipped weights reproduce exactly the chosen scales; a per-tensor
+amax (NVFP4's global scale) is pinned to the one the candidates were scored with.
 
 Parallel rules:
 
@@ -31,6 +41,9 @@ Parallel rules:
   the argmin, so all ranks pick the same alpha.
 * Row-parallel: the rows' errors mix all input channels, so the weight is all-gathered along the
   input dim; every rank runs the same search on the full matrix and keeps its slice of ``s``.
+* Clipping is decided per (row, block) on each rank's own weight (blocks never straddle a
+  shard; a row-parallel rank takes its slice of ``H'``): no collective, beyond the TP MAX of a
+  per-tensor weight amax.
 """
 
 from __future__ import annotations
@@ -41,8 +54,9 @@ import torch
 import torch.distributed as dist
 
 from megaquant.calib.algorithms import (all_gather_cat, all_reduce, capture_inputs, chunks,
-                                        fold_input_scale, group_size, is_row_parallel, producer_of,
-                                        progress, quant_linears)
+                                        group_size, is_row_parallel, progress, quant_linears,
+                                        weight_amax)
+from megaquant.calib.fold import fold_input_scale, producer_of
 from megaquant.calib.sync import SyncItem, tp_reduced
 
 NEEDS_DATA = True
@@ -52,10 +66,15 @@ NEEDS_DATA = True
 class Options:
     grid: int = 20  # alpha candidates: k / grid for k in 0..grid-1
     layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds Hessian memory
+    clip: bool = True  # then search a clip ratio per weight block (block formats)
+    clip_ratios: int = 11  # clip candidates in [clip_min, 1]
+    clip_min: float = 0.5
 
     def __post_init__(self):
         if self.grid < 1:
             raise ValueError(f"awq grid must be >= 1, got {self.grid}")
+        if self.clip_ratios < 1 or not 0.0 < self.clip_min <= 1.0:
+            raise ValueError("awq needs clip_ratios >= 1 and 0 < clip_min <= 1")
 
 
 def check(roles) -> None:
@@ -95,23 +114,69 @@ def _search(layer, w: torch.Tensor, full: bool, x_mean, h, grid: int) -> torch.T
     return scales[int(torch.argmin(losses))]
 
 
+def clip_blocks(fmt, w: torch.Tensor, amax, h: torch.Tensor, ratios) -> torch.Tensor:
+    """``w`` [out, in] with each block clipped at the ratio of its max that minimises
+    ``d_b^T H_bb d_b`` (``h`` [in, in] the Hessian of this weight's input channels; pure)."""
+    bs = fmt.block_size
+    rows, cols = w.shape
+    nb = -(-cols // bs)
+    pad = nb * bs - cols  # a last partial block is padded with zeros, as the format does
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(rows, nb, bs)
+    hp = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    hb = torch.stack([hp[i * bs:(i + 1) * bs, i * bs:(i + 1) * bs] for i in range(nb)])
+    m = wp.abs().amax(-1, keepdim=True)
+    best_err, best_r = None, torch.ones_like(m)
+    for r in ratios:
+        wc = torch.minimum(torch.maximum(wp, -m * r), m * r).reshape(rows, nb * bs)[:, :cols]
+        d = torch.nn.functional.pad(fmt.fake_quantize(wc, amax) - w, (0, pad)).reshape(rows, nb, bs)
+        err = torch.einsum("rnb,nbc,rnc->rn", d, hb, d).unsqueeze(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_r = torch.where(better, torch.full_like(m, r), best_r)
+        best_err = torch.where(better, err, best_err)
+    return torch.minimum(torch.maximum(wp, -m * best_r), m * best_r).reshape(rows, nb * bs)[:, :cols]
+
+
+def _clip(layer, h_full: torch.Tensor, s_full: torch.Tensor, opts: Options):
+    """Clip ``layer``'s (already scaled) local weight blocks; returns the amax to pin or None."""
+    q = layer.weight_quantizer
+    w = layer.weight.data.float()
+    if is_row_parallel(layer) and group_size(layer.tp_group) > 1:
+        n = w.shape[1]
+        lo = dist.get_rank(layer.tp_group) * n
+        h_full, s_full = h_full[lo:lo + n, lo:lo + n], s_full[lo:lo + n]
+    h = h_full / (s_full[:, None] * s_full[None, :])  # the Hessian of x / s
+    amax = weight_amax(layer, w) if q.mode == "static" else None
+    ratios = torch.linspace(opts.clip_min, 1.0, opts.clip_ratios).tolist()
+    layer.weight.data.copy_(clip_blocks(q.fmt, w, amax, h, ratios).to(layer.weight.dtype))
+    return amax
+
+
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
     layers = [(n, l) for n, l in quant_linears(model) if producer_of(model, n) is not None]
     bar = progress(layers, "awq")
+    pins = {}
     for part in chunks(layers, opts.layers_per_pass):
         stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True, full_input=True)
         for name, layer in part:
-            st = stats.pop(name)
+            st, producer = stats.pop(name), producer_of(model, name)
             h = (st.hessian / max(st.count, 1)).float()
-            x_mean = (st.abs_sum / max(st.count, 1)).float()
+            x_mean = producer.tie((st.abs_sum / max(st.count, 1)).float(), "mean")
             full = is_row_parallel(layer)
             w = layer.weight.data.float()
             if full:
                 w = all_gather_cat(w, layer.tp_group, dim=1)
-            s = _search(layer, w, full, x_mean, h, opts.grid)
+            s_full = _search(layer, w, full, x_mean, h, opts.grid)
+            s = s_full
             if full and group_size(layer.tp_group) > 1:
                 s = s.chunk(group_size(layer.tp_group))[dist.get_rank(layer.tp_group)]
-            fold_input_scale(layer, producer_of(model, name), s)
+            fold_input_scale(layer, producer, s)
+            if opts.clip and getattr(layer.weight_quantizer.fmt, "block_size", None):
+                amax = _clip(layer, h, s_full, opts)
+                if amax is not None:
+                    pins[layer.weight_quantizer] = amax
             bar.update(1)
     bar.close()
-    return {}
+    return pins

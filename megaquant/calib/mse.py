@@ -22,8 +22,8 @@ and clipping it is what SmoothQuant avoids by other means).
 Parallel rules: the error of a TP-shared amax (per tensor; per channel of a row-parallel weight,
 whose rows are split over ranks) is SUM-reduced over TP before the argmin, so every rank picks
 the same ``r``; a per-channel amax of a column-parallel weight and every block are local (blocks
-lie along the input dim and never straddle a shard: ``in/tp`` must be a multiple of the block
-size, as for RTN). Weights are identical over DP: no DP reduction.
+lie along the input dim and never straddle a shard: each rank blocks its own slice, padding a
+last partial block, as RTN does). Weights are identical over DP: no DP reduction.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megaquant.calib.algorithms import all_reduce, progress, quant_linears, warn, weight_amax
+from megaquant.calib.algorithms import all_reduce, progress, quant_linears, weight_amax
 from megaquant.calib.sync import SyncItem, tp_reduced
 
 NEEDS_DATA = False
@@ -76,23 +76,29 @@ def search_amax(fmt, w: torch.Tensor, amax: torch.Tensor, ratios, reduce) -> tor
 
 
 def search_block_clip(fmt, w: torch.Tensor, amax, ratios) -> torch.Tensor:
-    """``w`` with each block clipped at the ratio of its max that minimises the block's error."""
+    """``w`` with each block clipped at the ratio of its max that minimises the block's error.
+
+    A last partial block (input dim not a multiple of the block) is padded with zeros, as the
+    format pads it: zeros change neither the block max nor the error.
+    """
     bs = fmt.block_size
     rows, cols = w.shape
-    m = w.abs().reshape(rows, cols // bs, bs).amax(-1, keepdim=True)
+    nb = -(-cols // bs)
+    wp = torch.nn.functional.pad(w, (0, nb * bs - cols))
+    m = wp.abs().reshape(rows, nb, bs).amax(-1, keepdim=True)
     best_err, best_r = None, torch.ones_like(m)
     for r in ratios:
-        lim = (m * r).expand(-1, -1, bs).reshape(rows, cols)
-        wc = torch.minimum(torch.maximum(w, -lim), lim)
-        err = (fmt.fake_quantize(wc, amax) - w).pow(2).reshape(rows, cols // bs, bs).sum(-1, True)
+        lim = (m * r).expand(-1, -1, bs).reshape(rows, nb * bs)
+        wc = torch.minimum(torch.maximum(wp, -lim), lim)
+        err = (fmt.fake_quantize(wc, amax) - wp).pow(2).reshape(rows, nb, bs).sum(-1, True)
         if best_err is None:
             best_err, best_r = err, torch.full_like(m, r)
             continue
         better = err < best_err
         best_r = torch.where(better, torch.full_like(m, r), best_r)
         best_err = torch.where(better, err, best_err)
-    lim = (m * best_r).expand(-1, -1, bs).reshape(rows, cols)
-    return torch.minimum(torch.maximum(w, -lim), lim)
+    lim = (m * best_r).expand(-1, -1, bs).reshape(rows, nb * bs)
+    return torch.minimum(torch.maximum(wp, -lim), lim)[:, :cols]
 
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
@@ -109,9 +115,5 @@ def run(model, opts: Options, forward_loop, dp_group) -> dict:
             pins[q] = amax
         bs = getattr(q.fmt, "block_size", None)
         if opts.blocks and bs:
-            if w.shape[1] % bs:
-                warn(f"mse: {name}: input dim {w.shape[1]} is not a multiple of block {bs}; "
-                     "block clipping skipped for this layer")
-                continue
             layer.weight.data.copy_(search_block_clip(q.fmt, w, amax, ratios))
     return pins

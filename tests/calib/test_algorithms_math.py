@@ -117,3 +117,81 @@ def test_gptq_singular_hessian_returns_none_instead_of_nan():
     assert gptq.gptq_quantize(w, h, gptq.ColumnQuantizer(fmt, None), block=64, damp=0.0) is None
     h[0, 1] = float("nan")
     assert gptq.gptq_quantize(w, h, gptq.ColumnQuantizer(fmt, None), block=64, damp=0.01) is None
+
+
+@pytest.mark.parametrize("name,opts", [("int4", {"block_size": 32}), ("nvfp4", {}), ("mxfp4", {}),
+                                       ("mxfp8", {})])
+def test_gptq_pair_block_quantizes_a_column_as_its_full_block_would(name, opts):
+    """ColumnQuantizer quantizes ``[x, limit]`` at block size 2; the reference puts the column in
+    a full block of the format whose max is ``limit`` (all other elements zero): bit-exact."""
+    fmt = get_format(name, **opts)
+    g = torch.Generator().manual_seed(7)
+    limit = torch.rand(256, generator=g) * 3 + 1e-3
+    col = (torch.rand(256, generator=g) * 2.4 - 1.2) * limit  # some beyond the limit: clipped
+    amax = torch.tensor(5.0) if fmt.needs_amax else None
+    q = gptq.ColumnQuantizer(fmt, amax)
+    q.limit = limit
+    block = torch.zeros(256, fmt.block_size)
+    block[:, 0], block[:, 1] = torch.minimum(torch.maximum(col, -limit), limit), limit
+    assert torch.equal(q(col), fmt.fake_quantize(block, amax)[:, 0])
+
+
+def test_gptq_blocks_follow_shards_and_pad_a_partial_block():
+    assert gptq.group_bounds(80, 80, 32) == [(0, 32), (32, 64), (64, 80)]
+    assert gptq.group_bounds(80, 40, 32) == [(0, 32), (32, 40), (40, 72), (72, 80)]
+    assert gptq.lazy_blocks(gptq.group_bounds(80, 40, 32), 64) == [(0, 40), (40, 80)]
+    x, w = _data(6, d_in=80, outliers=False)
+    fmt = get_format("int4", block_size=32)
+    h = (x.t() @ x).double()
+    for shard in (80, 40):  # one rank's whole row / two row-parallel slices of 40
+        q = gptq.gptq_quantize(w, h, gptq.ColumnQuantizer(fmt, None), block=64, damp=0.01,
+                               shard=shard)
+        rtn = torch.cat([fmt.fake_quantize(p) for p in w.split(shard, dim=1)], dim=1)
+        assert _out_err(x, q, w) < 0.9 * _out_err(x, rtn, w)
+        # each slice is re-quantized on its own at run time; GPTQ's values are on that grid
+        requant = torch.cat([fmt.fake_quantize(p) for p in q.split(shard, dim=1)], dim=1)
+        assert float((requant != q).float().mean()) < 0.02
+
+
+@pytest.mark.parametrize("name,opts", [("int4", {"block_size": 32}), ("nvfp4", {})])
+def test_awq_block_clipping_never_loses_on_its_objective(name, opts):
+    x, w = _data(8, d_in=80, outliers=False)  # 80: a partial last block for int4-32
+    w[5, 3] = 0.6  # a large weight stretches its block
+    fmt = get_format(name, **opts)
+    amax = fmt.compute_amax(w) if fmt.needs_amax else None
+    h = (x.t() @ x).float() / x.shape[0]
+    ratios = torch.linspace(0.5, 1.0, 11).tolist()
+    wc = awq.clip_blocks(fmt, w, amax, h, ratios)
+    # the block-diagonal output error the search minimises, computed directly per block
+    def blockdiag(wq):
+        d, bs = wq - w, fmt.block_size
+        return sum(float(awq.output_error(d[:, i:i + bs], h[i:i + bs, i:i + bs]))
+                   for i in range(0, w.shape[1], bs))
+    assert blockdiag(fmt.fake_quantize(wc, amax)) < blockdiag(fmt.fake_quantize(w, amax))
+    assert torch.equal(awq.clip_blocks(fmt, w, amax, h, [1.0]), w)  # ratio 1: unchanged
+
+
+def test_smoothquant_search_scores_the_quantized_output_and_never_loses_to_no_smoothing():
+    from types import SimpleNamespace
+
+    from megaquant.quantizer import TensorQuantizer
+
+    x, w = _data(9, tokens=256)
+    layer = SimpleNamespace(weight_quantizer=TensorQuantizer(get_format("int8", axis=0), "static"),
+                            input_quantizer=TensorQuantizer(get_format("int8"), "static"),
+                            partition_axes={"weight": 0}, tp_group=None)
+    act, wt = get_format("int8"), get_format("int8", axis=0)
+
+    def w8a8_err(s):  # what max calibration + run time would compute, written out
+        xs, ws = x / s, w * s
+        yq = act.fake_quantize(xs, xs.abs().amax()) @ wt.fake_quantize(ws, wt.compute_amax(ws)).t()
+        return float(((yq.double() - (x @ w.t()).double()) ** 2).sum())
+
+    opts = smoothquant.Options(search=True, grid=10)
+    x_amax, w_col = x.abs().amax(0), w.abs().amax(0)
+    s = smoothquant._search(layer, w, False, x_amax, w_col, x, opts, None)
+    cands = [torch.ones(w.shape[1])] + [smoothquant.smoothing_scale(x_amax, w_col, k / 10, 1e-5)
+                                        for k in range(11)]
+    errs = [w8a8_err(c) for c in cands]
+    assert w8a8_err(s) == pytest.approx(min(errs), rel=1e-6)
+    assert w8a8_err(s) < 0.5 * errs[0]  # outlier channels: smoothing pays
