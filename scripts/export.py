@@ -5,7 +5,8 @@
 
 Writes <output_dir>/modelopt/ and/or <output_dir>/compressed-tensors/ (config.json with a
 quantization_config, *.safetensors with real quantized weights, tokenizer.json) and
-<output_dir>/export_report.json. One process, whatever TP layout the checkpoint was saved at.
+<output_dir>/export_report.json. One process, whatever TP/EP layout the checkpoint was saved at
+(MoE models are written as Qwen2-MoE, every expert under its global index).
 Config: configs/export.yaml; formats and names: docs/export.md.
 """
 

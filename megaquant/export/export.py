@@ -1,7 +1,8 @@
 """Export a quantized Megatron GPT model to Hugging Face-style directories with real low-bit weights.
 
-Pipeline (one process, the model at TP=1; :func:`export_checkpoint` loads a PTQ checkpoint saved
-at any TP size into such a model, Megatron's dist-ckpt gathering the shards along their axes):
+Pipeline (one process, the model at TP=1 and EP=1; :func:`export_checkpoint` loads a PTQ
+checkpoint saved at any TP x EP layout into such a model, Megatron's dist-ckpt gathering the TP
+and expert-TP shards along their axes and every EP rank's experts under their global index):
 
 1. every linear is mapped to its HF module names (:mod:`megaquant.export.names`); the fused QKV and
    SwiGLU fc1 weights (and per-channel amax) are split by rows *before* quantizing;
@@ -9,8 +10,10 @@ at any TP size into such a model, Megatron's dist-ckpt gathering the shards alon
    ``fmt.quantize(weight, amax)``: the codes and scales whose ``dequantize`` is bit-identical
    to the fake-quantized weight the model ran with; activation scales come from the input
    quantizers' calibrated amax;
-3. unquantized tensors (embeddings, norms, excluded layers such as ``lm_head``) keep the source
-   precision; tied embeddings stay tied (no ``lm_head.weight``, ``tie_word_embeddings: true``);
+3. unquantized tensors (embeddings, norms, MoE routers, excluded layers such as ``lm_head``) keep
+   the source precision; tied embeddings stay tied (no ``lm_head.weight``,
+   ``tie_word_embeddings: true``); an MoE model is written as Qwen2-MoE, every expert under its
+   global index (:mod:`megaquant.export.moe`);
 4. each requested layout (:mod:`megaquant.export.layouts`) is written to ``<out>/<layout>/``
    with ``config.json``, safetensors shards, ``tokenizer.json`` when there is a tokenizer, and for
    ModelOpt ``hf_quant_config.json``; ``<out>/export_report.json`` says what was written, bits per
@@ -32,7 +35,8 @@ from torch import Tensor
 
 import megaquant
 from megaquant.export import layouts as L
-from megaquant.export.names import hf_targets, split_rows
+from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
+from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
 
@@ -100,12 +104,6 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     amaxes = split_rows(wq.amax, split, arch) if wq.fmt.needs_amax else (None,) * len(weights)
     in_scale = _activation_scale(iq) if iq.is_enabled else None
     block = getattr(wq.fmt, "block_size", None)
-    if block is not None and layer.weight.shape[-1] % block:
-        # a ragged last block is fine for fake quantization, but serving kernels (and
-        # compressed-tensors' reader) need whole blocks along the input dimension
-        raise ValueError(f"{name}: input dimension {layer.weight.shape[-1]} is not a multiple of "
-                         f"the {wq.fmt.name} block size {block}; serving engines need whole "
-                         "blocks: quantize with a block_size that divides it")
     out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block)
            for n, w, a in zip(hf_names, weights, amaxes)]
     # The claim we write: these codes decode to what the model multiplied with. A quantizer
@@ -121,7 +119,7 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
 
 def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], list[str]]:
     """(the model's one scheme, its quantized HF linears, HF names of unquantized linears)."""
-    quantized, excluded, schemes = [], [], {}
+    layers, excluded, schemes = [], list(router_names(arch)), {}
     for name, layer in _linear_modules(model):
         _check_tp1(name, layer)
         wq = getattr(layer, "weight_quantizer", None)
@@ -129,18 +127,54 @@ def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], lis
             excluded += list(hf_targets(name)[0])
             continue
         schemes.setdefault(_layer_scheme(name, layer), []).append(name)
-        quantized += _quantize_layer(name, layer, arch)
-    if not quantized:
+        layers.append((name, layer))
+    if not layers:
         raise ValueError("the model has no quantized linear: quantize it first "
                          "(megaquant.quantize or ptq.load_quantized) before exporting")
     if len(schemes) > 1:
         raise ValueError(f"mixed schemes are not exported (one quantization_config per model): "
                          f"{ {k: v[:2] for k, v in schemes.items()} }")
-    return next(iter(schemes)), quantized, sorted(set(excluded))
+    scheme = next(iter(schemes))
+    _check_whole_blocks(scheme, layers)
+    quantized = [q for name, layer in layers for q in _quantize_layer(name, layer, arch)]
+    return scheme, quantized, sorted(set(excluded))
+
+
+def _check_whole_blocks(scheme: str, layers) -> None:
+    """Refuse, before quantizing anything, block formats whose blocks do not tile every input dim.
+
+    A ragged last block is fine for fake quantization, but serving kernels (vLLM's Marlin/Machete,
+    TensorRT-LLM) and compressed-tensors' reader need whole blocks along the input dimension.
+    """
+    blocks = {getattr(layer.weight_quantizer.fmt, "block_size", None) for _, layer in layers}
+    if len(blocks) > 1:
+        raise ValueError(f"{scheme} with mixed block sizes {sorted(blocks)} cannot be exported: a "
+                         "quantization_config states one block (group) size per model; quantize "
+                         "every layer with the same block_size")
+    block = blocks.pop()
+    dims = {}
+    for name, layer in layers:
+        dims.setdefault(layer.weight.shape[-1], []).append(name)
+    ragged = {k: v for k, v in sorted(dims.items()) if block and k % block}
+    if not ragged:
+        return
+    fits = [b for b in (128, 64, 32, 16) if b < block and all(k % b == 0 for k in dims)]
+    sizes = " or ".join(map(str, fits))
+    remedy = (f"re-quantize with a block size that divides every input dimension ({sizes} for "
+              f"this model), e.g. scripts/ptq.py +recipe={scheme} "
+              f"recipe.rules.0.weight.block_size={fits[0]}" if fits else
+              "use a format without blocks, or a model whose input dimensions are multiples of 16")
+    where = "; ".join(f"{k} ({v[0]}{f' and {len(v) - 1} more' if len(v) > 1 else ''})"
+                      for k, v in ragged.items())
+    raise ValueError(f"{scheme} with blocks of {block} cannot be exported: input dimension(s) {where} "
+                     f"are not a multiple of the block size {block}, and serving engines need whole "
+                     f"blocks along the input dimension (a ragged tail block is not written). "
+                     f"To export, {remedy}. Nothing was written.")
 
 
 def hf_config(arch, *, torch_dtype: str, tokenizer=None) -> dict:
-    """A LLaMA ``config.json`` for a GPTConfig (refusing architectures LLaMA cannot express)."""
+    """A LLaMA ``config.json`` for a GPTConfig (refusing architectures LLaMA cannot express);
+    Qwen2-MoE for an MoE model (:mod:`megaquant.export.moe`)."""
     if arch.normalization != "RMSNorm" or not arch.gated_linear_unit or arch.add_bias_linear:
         raise ValueError(f"{arch.name}: only LLaMA-family models (RMSNorm, SwiGLU, no biases) are "
                          "exported; this one has "
@@ -156,6 +190,9 @@ def hf_config(arch, *, torch_dtype: str, tokenizer=None) -> dict:
            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
            "tie_word_embeddings": bool(arch.tie_embeddings), "torch_dtype": torch_dtype,
            "rope_scaling": None}
+    if arch.num_moe_experts:
+        cfg = {**{k: v for k, v in cfg.items() if k not in ("attention_bias", "mlp_bias")},
+               **moe_config(arch)}
     for key in ("bos_id", "eos_id"):
         value = getattr(tokenizer, key, None)
         if value is not None:
@@ -233,6 +270,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     """
     from megaquant.models.mapping import megatron_to_hf
 
+    if arch.num_moe_experts:
+        check_moe_model(model, arch)
     scheme, quantized, excluded = collect(model, arch)
     chosen, skipped = _resolve_layouts(layouts, scheme)
     state = {k: v.detach() for k, v in model.state_dict().items()
@@ -251,6 +290,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             d.mkdir()
             tensors = _layout_tensors(hf_state, quantized, layout, scheme)
             check_claims(tensors, quantized, excluded, layout, scheme, source_dtype)
+            if arch.num_moe_experts:
+                check_experts_complete(tensors.keys(), arch)
             files = write_safetensors(d, tensors, max_shard_bytes)
             config = hf_config(arch, torch_dtype=dtype_name, tokenizer=tokenizer)
             config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
@@ -266,9 +307,9 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, **kwargs) -> ExportReport:
-    """Export a megaquant PTQ checkpoint (``<ptq out>/checkpoint``) saved at any TP layout.
+    """Export a megaquant PTQ checkpoint (``<ptq out>/checkpoint``) saved at any TP/EP layout.
 
-    Loads it into a model built at TP=1 in this process (Megatron's parallel state must be set
+    Loads it into a model built at TP=1 (and EP=1 for MoE) in this process (Megatron's parallel state must be set
     up for one rank: ``init_distributed(); init_model_parallel(1)``), then :func:`export_model`.
     The architecture and recipe come from the checkpoint's ``megaquant.json``.
     """
@@ -281,7 +322,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, **kwargs)
         raise ValueError(f"{checkpoint_dir}/megaquant.json has no 'arch': re-save it with "
                          "scripts/ptq.py (which records the architecture)")
     arch = GPTConfig.from_dict(meta["arch"])
-    model = build_gpt_model(arch, tp_size=1)
+    # TP=1, EP=1: dist-ckpt gathers TP and expert-TP shards along their axes, and every EP
+    # rank's experts (stored under their global index) into this one process
+    model = build_gpt_model(arch, tp_size=1, ep_size=1)
     load_quantized(model, checkpoint_dir)
     return export_model(model, arch, out_dir, **kwargs)
 

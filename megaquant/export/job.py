@@ -1,6 +1,6 @@
 """The export job behind ``scripts/export.py``: one process, a PTQ checkpoint in, HF directories out.
 
-The checkpoint may have been saved at any TP layout: it is loaded at TP=1 here (Megatron's
+The checkpoint may have been saved at any TP/EP layout: it is loaded at TP=1, EP=1 here (Megatron's
 distributed checkpoint gathers the shards), so the export does not depend on how PTQ was run.
 This is the outermost layer: it alone sets up the (one-rank) process group.
 """
@@ -65,7 +65,7 @@ def run(cfg: ExportConfig):
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("run the export as one process (python scripts/export.py ...): it loads "
-                         "the checkpoint at TP=1 whatever layout it was saved at")
+                         "the checkpoint at TP=1, EP=1 whatever layout it was saved at")
     from megaquant.export.writer import check_target
 
     meta = read_metadata(cfg.checkpoint)["metadata"]  # fail fast: a wrong path or target

@@ -12,10 +12,13 @@ per-block scale follows the rows of the tensor a serving engine loads. This is e
   q/k/v (gate/up) again at load time and expect equal scales there (vLLM and TensorRT-LLM take
   the max of the parts when they differ, which for us is a no-op).
 
-MoE (expert-parallel) layers slot in by adding rows to :data:`LAYER_MAP`: a routed expert
+MoE layers use Qwen2-MoE's names (docs/export.md says why): a routed expert
 ``decoder.layers.N.mlp.experts.local_experts.E.linear_fc1`` becomes
-``model.layers.N.mlp.experts.E.{gate,up}_proj`` with the global expert index E. Not exercised
-yet: the EP model is being built (issue 5).
+``model.layers.N.mlp.experts.E.{gate,up}_proj``, the shared expert
+``model.layers.N.mlp.shared_expert.*``, the (never quantized) router ``model.layers.N.mlp.gate``.
+E is the *global* expert index: the model the exporter reads is built at expert parallel 1
+(``export_checkpoint`` loads any EP layout so), where local and global indices coincide; a model
+still split over EP ranks is refused (:mod:`megaquant.export.moe`).
 """
 
 from __future__ import annotations
@@ -54,8 +57,20 @@ LAYER_MAP: tuple[HFTarget, ...] = (
              "halves"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc2",
              ("model.layers.{n}.mlp.experts.{e}.down_proj",), "none"),
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.shared_experts\.linear_fc1",
+             ("model.layers.{n}.mlp.shared_expert.gate_proj", "model.layers.{n}.mlp.shared_expert.up_proj"),
+             "halves"),
+    HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.shared_experts\.linear_fc2",
+             ("model.layers.{n}.mlp.shared_expert.down_proj",), "none"),
     HFTarget(r"output_layer", ("lm_head",), "none"),
 )
+ROUTER = "model.layers.{n}.mlp.gate"  # HF name of a layer's router (kept in source precision)
+EXPERT = "model.layers.{n}.mlp.experts.{e}."  # prefix of routed expert e's gate/up/down_proj
+
+
+def router_names(arch) -> list[str]:
+    """HF module names of the routers of an MoE ``arch`` (none for a dense model)."""
+    return [ROUTER.format(n=n) for n in range(arch.num_layers)] if arch.num_moe_experts else []
 
 
 def hf_targets(megatron_name: str) -> tuple[tuple[str, ...], str]:
@@ -91,4 +106,5 @@ def split_rows(t: Tensor, split: str, arch) -> tuple[Tensor, ...]:
     return tuple(p.contiguous() for p in row_splitter(split, arch)(t))
 
 
-__all__ = ["HFTarget", "LAYER_MAP", "hf_targets", "split_rows", "row_splitter"]
+__all__ = ["HFTarget", "LAYER_MAP", "EXPERT", "ROUTER", "hf_targets", "router_names", "split_rows",
+           "row_splitter"]

@@ -16,6 +16,17 @@ decoder.final_layernorm.weight              model.norm.weight               repl
 output_layer.weight (untied only)           lm_head.weight                  rows (vocab)
 ==========================================  ===================================================
 
+MoE layers (``num_moe_experts`` set; Qwen2-MoE names, see docs/export.md), expert parallel = 1
+(every expert present, local index = global index E)::
+
+    decoder.layers.N.mlp.router.weight                          ...N.mlp.gate.weight  replicated
+    decoder.layers.N.mlp.experts.local_experts.E.linear_fc{1,2} ...N.mlp.experts.E.{gate,up,down}_proj
+    decoder.layers.N.mlp.shared_experts.linear_fc{1,2}          ...N.mlp.shared_expert.{gate,up,down}_proj
+    decoder.layers.N.mlp.shared_experts.gate_weight (if gated)  ...N.mlp.shared_expert_gate.weight
+
+Expert (and shared-expert) linears split over (expert-)TP exactly like the dense MLP: fc1 holds
+``[gate rows of rank r; up rows of rank r]``, fc2 is split along its input columns.
+
 Fused QKV layout (why it is not simply [Q; K; V]): Megatron computes one matmul and then views the
 output as [num_query_groups, (heads_per_group + 2) * head_dim], splitting each group's slice into
 its query heads, then one K head, then one V head. So the rows are, per KV group g::
@@ -57,7 +68,9 @@ def _dims(cfg) -> dict:
         raise ValueError(f"num_attention_heads={heads} must be a multiple of num_query_groups={groups}")
     return {"layers": _get(cfg, "num_layers"), "heads": heads, "groups": groups, "head_dim": head_dim,
             "ffn": _get(cfg, "ffn_hidden_size"), "vocab": _get(cfg, "vocab_size"),
-            "tied": bool(_get(cfg, "tie_embeddings", True))}
+            "tied": bool(_get(cfg, "tie_embeddings", True)),
+            "experts": _get(cfg, "num_moe_experts"),
+            "shared_expert": _get(cfg, "moe_shared_expert_intermediate_size") is not None}
 
 
 def _check_tp(d: dict, tp_size: int, vocab_rows: int) -> None:
@@ -102,15 +115,40 @@ def _layer_to_megatron(hf: dict, n: int, d: dict, rank: int, size: int) -> dict:
     src, dst = _HF_LAYER.format(n=n), _LAYER.format(n=n)
     qkv = fuse_qkv(hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
                    hf[src + "self_attn.v_proj.weight"], d["groups"])
-    gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
-    return {
+    out = {
         dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"].clone(),
         dst + "self_attention.linear_qkv.weight": _shard(qkv, 0, rank, size),
         dst + "self_attention.linear_proj.weight": _shard(hf[src + "self_attn.o_proj.weight"], 1, rank, size),
         dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"].clone(),
+    }
+    if d["experts"]:
+        return {**out, **_moe_to_megatron(hf, src + "mlp.", dst + "mlp.", d, rank, size)}
+    gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
+    return {
+        **out,
         dst + "mlp.linear_fc1.weight": torch.cat([_shard(gate, 0, rank, size), _shard(up, 0, rank, size)]),
         dst + "mlp.linear_fc2.weight": _shard(hf[src + "mlp.down_proj.weight"], 1, rank, size),
     }
+
+
+def _swiglu_to_megatron(hf: dict, src: str, dst: str, rank: int, size: int) -> dict:
+    """One HF SwiGLU MLP (``src`` + gate/up/down_proj) -> Megatron fc1/fc2 (``dst``) of one TP rank."""
+    gate, up = hf[src + "gate_proj.weight"], hf[src + "up_proj.weight"]
+    return {dst + "linear_fc1.weight": torch.cat([_shard(gate, 0, rank, size), _shard(up, 0, rank, size)]),
+            dst + "linear_fc2.weight": _shard(hf[src + "down_proj.weight"], 1, rank, size)}
+
+
+def _moe_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, size: int) -> dict:
+    """An MoE MLP of one TP rank at expert parallel 1: router, every expert, the shared expert."""
+    out = {dst + "router.weight": hf[src + "gate.weight"].clone()}
+    for e in range(d["experts"]):
+        out.update(_swiglu_to_megatron(hf, f"{src}experts.{e}.", f"{dst}experts.local_experts.{e}.",
+                                       rank, size))
+    if d["shared_expert"]:
+        out.update(_swiglu_to_megatron(hf, src + "shared_expert.", dst + "shared_experts.", rank, size))
+        if src + "shared_expert_gate.weight" in hf:
+            out[dst + "shared_experts.gate_weight"] = hf[src + "shared_expert_gate.weight"].clone()
+    return out
 
 
 def hf_to_megatron(hf_state: dict, cfg, tp_rank: int, tp_size: int, *,
@@ -141,12 +179,17 @@ def hf_to_megatron(hf_state: dict, cfg, tp_rank: int, tp_size: int, *,
 
 def _hf_names(d: dict) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if d["tied"] else ["lm_head.weight"])
+    mlps = ["mlp."]
+    if d["experts"]:
+        mlps = [f"mlp.experts.{e}." for e in range(d["experts"])]
+        mlps += ["mlp.shared_expert."] if d["shared_expert"] else []
     for n in range(d["layers"]):
         p = _HF_LAYER.format(n=n)
         names += [p + s for s in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                   "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                                   "input_layernorm.weight", "post_attention_layernorm.weight")]
+        names += [p + m + s for m in mlps for s in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")]
+        names += [p + "mlp.gate.weight"] if d["experts"] else []
     return names
 
 
@@ -155,19 +198,50 @@ def _layer_to_hf(states: list[dict], n: int, d: dict) -> dict:
     local_groups = d["groups"] // len(states)
     qkv = [split_qkv(s[src + "self_attention.linear_qkv.weight"], local_groups, d["head_dim"])
            for s in states]
-    fc1 = [s[src + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in states]
-    return {
+    out = {
         dst + "self_attn.q_proj.weight": torch.cat([t[0] for t in qkv]),
         dst + "self_attn.k_proj.weight": torch.cat([t[1] for t in qkv]),
         dst + "self_attn.v_proj.weight": torch.cat([t[2] for t in qkv]),
         dst + "self_attn.o_proj.weight":
             torch.cat([s[src + "self_attention.linear_proj.weight"] for s in states], 1),
-        dst + "mlp.gate_proj.weight": torch.cat([g for g, _ in fc1]),
-        dst + "mlp.up_proj.weight": torch.cat([u for _, u in fc1]),
-        dst + "mlp.down_proj.weight": torch.cat([s[src + "mlp.linear_fc2.weight"] for s in states], 1),
         dst + "input_layernorm.weight": states[0][src + "input_layernorm.weight"].clone(),
         dst + "post_attention_layernorm.weight": states[0][src + "pre_mlp_layernorm.weight"].clone(),
     }
+    if d["experts"]:
+        return {**out, **_moe_to_hf(states, src + "mlp.", dst + "mlp.", d)}
+    fc1 = [s[src + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in states]
+    return {
+        **out,
+        dst + "mlp.gate_proj.weight": torch.cat([g for g, _ in fc1]),
+        dst + "mlp.up_proj.weight": torch.cat([u for _, u in fc1]),
+        dst + "mlp.down_proj.weight": torch.cat([s[src + "mlp.linear_fc2.weight"] for s in states], 1),
+    }
+
+
+def _swiglu_to_hf(states: list[dict], src: str, dst: str) -> dict:
+    """Megatron fc1/fc2 (``src``) of every TP rank -> one HF SwiGLU MLP (``dst`` + gate/up/down_proj)."""
+    fc1 = [s[src + "linear_fc1.weight"].chunk(2, dim=0) for s in states]
+    return {dst + "gate_proj.weight": torch.cat([g for g, _ in fc1]),
+            dst + "up_proj.weight": torch.cat([u for _, u in fc1]),
+            dst + "down_proj.weight": torch.cat([s[src + "linear_fc2.weight"] for s in states], 1)}
+
+
+def _moe_to_hf(states: list[dict], src: str, dst: str, d: dict) -> dict:
+    """An MoE MLP gathered over TP (expert parallel 1: every expert in every state)."""
+    missing = [e for e in range(d["experts"])
+               if f"{src}experts.local_experts.{e}.linear_fc1.weight" not in states[0]]
+    if missing:
+        raise KeyError(f"{src}experts lacks experts {missing} of {d['experts']}: pass the states of a "
+                       "model at expert parallel 1 (export_checkpoint loads any EP layout at EP=1)")
+    out = {dst + "gate.weight": states[0][src + "router.weight"].clone()}
+    for e in range(d["experts"]):
+        out.update(_swiglu_to_hf(states, f"{src}experts.local_experts.{e}.", f"{dst}experts.{e}."))
+    if d["shared_expert"]:
+        out.update(_swiglu_to_hf(states, src + "shared_experts.", dst + "shared_expert."))
+        gate = states[0].get(src + "shared_experts.gate_weight")
+        if gate is not None:
+            out[dst + "shared_expert_gate.weight"] = gate.clone()
+    return out
 
 
 def megatron_to_hf(per_rank_states: list[dict], cfg) -> dict:

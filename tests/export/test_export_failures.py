@@ -74,8 +74,71 @@ def test_export_refuses_ragged_blocks(megatron_single, tmp_path):
 
     model, cfg = quantized_tiny("int4_w4a16", megatron_single.dp_group, hidden_size=64,
                                 ffn_hidden_size=128)
-    with pytest.raises(ValueError, match="not a multiple of the int4 block size 128"):
+    with pytest.raises(ValueError, match="dimension\\(s\\) 64 .* not a multiple of the block size "
+                                         "128.*64 or 32 or 16 for this model"):
         export_model(model, cfg, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_int4_smollm2_dims_say_which_block_size_to_use(megatron_single, tmp_path):
+    """SmolLM2's hidden size 576 is 4.5 blocks of 128; its dims (576, 1536) all divide by 64."""
+    from megaquant.export import export_model
+
+    model, cfg = quantized_tiny("int4_w4a16", megatron_single.dp_group, num_layers=1,
+                                hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
+                                num_query_groups=3)
+    with pytest.raises(ValueError) as e:
+        export_model(model, cfg, tmp_path / "x")
+    msg = str(e.value)
+    assert "int4_w4a16 with blocks of 128 cannot be exported" in msg and "576 (" in msg
+    assert "1536" not in msg  # down_proj's 1536 = 12 * 128 is fine: only offenders are named
+    assert "recipe.rules.0.weight.block_size=64" in msg and "Nothing was written" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_int4_block_64_claims_group_size_64(megatron_single, tmp_path):
+    """The quantization_config states the block size the tensors were really written with."""
+    import megaquant
+    from megaquant.evaluate import run_forward
+    from megaquant.export import export_model
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+
+    cfg = tiny_gpt_config()  # input dims 64 and 128: blocks of 128 would be ragged
+    torch.manual_seed(0)
+    model = build_gpt_model(cfg, tp_size=1)
+    recipe = {"name": "int4_b64", "rules": [{"modules": "*", "weight": {"format": "int4",
+                                                                      "block_size": 64}}],
+              "exclude": ["*output_layer*"]}
+    megaquant.quantize(model, recipe, lambda m: None, dp_group=megatron_single.dp_group)
+    export_model(model, cfg, tmp_path / "x")
+    d = tmp_path / "x" / "compressed-tensors"
+    group = json.loads((d / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["group_size"] == 64 and group["format"] == "pack-quantized"
+    sd = R.load_tensors(d)
+    assert sd["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 128 // 64)
+    want = model.decoder.layers[0].mlp.linear_fc2
+    assert torch.equal(R.ct_weight(sd, "model.layers.0.mlp.down_proj", group, (64, 128)),
+                       want.weight_quantizer(want.weight).detach())
+
+
+def test_export_refuses_to_claim_tensors_it_did_not_write(fp8_model, tmp_path, monkeypatch):
+    """A layout whose tensors are not what it declares (here: a float weight) is never written."""
+    from megaquant.export import layouts
+
+    real = layouts.module_tensors
+
+    def unquantized_weight(layout, scheme, q):
+        out = real(layout, scheme, q)
+        if q.name.endswith("layers.1.mlp.down_proj"):
+            out["weight"] = out["weight"].float()
+        return out
+
+    monkeypatch.setattr(layouts, "module_tensors", unquantized_weight)
+    from megaquant.export import export_model
+
+    with pytest.raises(RuntimeError, match="refusing to write .*layers.1.mlp.down_proj.weight is "
+                                           "torch.float32"):
+        export_model(*fp8_model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
