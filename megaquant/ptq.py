@@ -47,8 +47,8 @@ def quantize(
     report.calibration = calibrate(model, forward_loop, dp_group=dp_group, world_group=world_group,
                                    share_expert_inputs=share_expert_inputs)
     apply_pins(pins)
-    report.calibration["algorithm"] = algo.algorithm
-    if algo.algorithm != "max" and get_algorithm(algo.algorithm).NEEDS_DATA:
+    report.calibration["algorithm"] = algo.name
+    if algo.needs_data:
         report.calibration["used_forward_loop"] = True
     return report
 

@@ -23,6 +23,7 @@ An optional ``calib:`` section picks the calibration algorithm run before max ca
 (:mod:`megaquant.calib.algorithms`)::
 
     calib: {algorithm: smoothquant, alpha: 0.5}   # max (default) | mse | smoothquant | awq | gptq
+    calib: [{algorithm: smoothquant, search: true}, gptq]   # a chain, run in order
 
 Its options are validated by the algorithm, and an algorithm that does not suit the recipe's
 formats (SmoothQuant on a weight-only recipe, AWQ with quantized activations) is an error here,
@@ -169,8 +170,7 @@ class Recipe:
     def needs_calibration_data(self) -> bool:
         """Whether a forward loop is needed: a static activation/output quantizer with an amax,
         or a calibration algorithm that reads activations (SmoothQuant, AWQ, GPTQ)."""
-        algo = get_algorithm(self.calib.algorithm)
-        if algo is not None and algo.NEEDS_DATA:
+        if self.calib.needs_data:
             return True
         return any(
             cfg is not None and cfg.amax == "static" and cfg.build_format().needs_amax

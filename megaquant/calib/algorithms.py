@@ -71,27 +71,56 @@ def get_algorithm(name: str):
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """A recipe's ``calib:`` section: the algorithm and its options (validated now)."""
+    """A recipe's ``calib:`` section: the algorithm and its options (validated now).
+
+    A list chains algorithms, run in order before max calibration, each on the model the
+    previous one rewrote (``[{algorithm: smoothquant, search: true}, {algorithm: gptq}]``:
+    GPTQ then sees the smoothed inputs). ``then`` holds the steps after the first.
+    """
 
     algorithm: str = "max"
     options: dict = field(default_factory=dict)
+    then: tuple = ()
 
     def __post_init__(self):
         self.build_options()
+        if self.then and "max" in (self.algorithm, *(s.algorithm for s in self.then)):
+            raise ValueError("'max' cannot be chained: it is what every chain ends with")
 
     @classmethod
     def from_dict(cls, d, where: str = "calib") -> "CalibConfig":
         if d is None:
             return cls()
+        if isinstance(d, (list, tuple)):
+            if not d:
+                raise ValueError(f"{where}: an empty list of algorithms; use 'max' or omit it")
+            steps = [cls.from_dict(x, f"{where}[{i}]") for i, x in enumerate(d)]
+            return dataclasses.replace(steps[0], then=tuple(steps[1:]))
         if isinstance(d, str):
             d = {"algorithm": d}
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping like {{algorithm: mse}}, got {d!r}")
+            raise ValueError(f"{where}: expected a mapping like {{algorithm: mse}} or a list of "
+                             f"them, got {d!r}")
         d = dict(d)
         try:
             return cls(algorithm=d.pop("algorithm", "max"), options=d)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from e
+
+    @property
+    def steps(self) -> tuple["CalibConfig", ...]:
+        """Every step of the chain, each a single-algorithm config."""
+        return (dataclasses.replace(self, then=()), *self.then)
+
+    @property
+    def name(self) -> str:
+        """``"smoothquant+gptq"`` for a chain, the algorithm's name otherwise."""
+        return "+".join(s.algorithm for s in self.steps)
+
+    @property
+    def needs_data(self) -> bool:
+        return any(get_algorithm(s.algorithm) is not None and
+                   getattr(get_algorithm(s.algorithm), "NEEDS_DATA", True) for s in self.steps)
 
     def build_options(self):
         module = get_algorithm(self.algorithm)
@@ -106,32 +135,37 @@ class CalibConfig:
                              f"valid options: {valid}")
         return module.Options(**self.options)
 
-    def to_dict(self) -> dict:
-        return {"algorithm": self.algorithm, **self.options}
+    def to_dict(self):
+        steps = [{"algorithm": s.algorithm, **s.options} for s in self.steps]
+        return steps[0] if len(steps) == 1 else steps
 
 
 def check_recipe_roles(calib: CalibConfig, roles: list[tuple[str, object]]) -> None:
-    """Config-time check that ``calib.algorithm`` suits the recipe's (role, QuantizerConfig)s."""
-    module = get_algorithm(calib.algorithm)
-    if module is None:
-        return
-    try:
-        module.check(roles)
-    except ValueError as e:
-        raise ValueError(f"calib.algorithm={calib.algorithm!r} does not apply to this recipe: {e}"
-                         f". Valid combinations: {VALID_COMBINATIONS}") from e
+    """Config-time check that every step of ``calib`` suits the recipe's (role, QuantizerConfig)s."""
+    for step in calib.steps:
+        module = get_algorithm(step.algorithm)
+        if module is None:
+            continue
+        try:
+            module.check(roles)
+        except ValueError as e:
+            raise ValueError(f"calib.algorithm={step.algorithm!r} does not apply to this recipe: "
+                             f"{e}. Valid combinations: {VALID_COMBINATIONS}") from e
 
 
 def run_algorithm(model: nn.Module, calib: CalibConfig, forward_loop, dp_group) -> dict:
-    """Run ``calib``'s pass (before max calibration); returns the amax pins (may be empty)."""
-    module = get_algorithm(calib.algorithm)
-    if module is None:
-        return {}
-    if forward_loop is None and getattr(module, "NEEDS_DATA", True):
-        raise ValueError(f"calib.algorithm={calib.algorithm!r} needs calibration data: pass a "
+    """Run ``calib``'s passes in order (before max calibration); returns the amax pins."""
+    if forward_loop is None and calib.needs_data:
+        raise ValueError(f"calib.algorithm={calib.name!r} needs calibration data: pass a "
                          "forward_loop(model) to megaquant.quantize")
-    with torch.no_grad():
-        return module.run(model, calib.build_options(), forward_loop, dp_group)
+    pins = {}
+    for step in calib.steps:
+        module = get_algorithm(step.algorithm)
+        if module is None:
+            continue
+        with torch.no_grad():
+            pins.update(module.run(model, step.build_options(), forward_loop, dp_group))
+    return pins
 
 
 def apply_pins(pins: dict) -> None:

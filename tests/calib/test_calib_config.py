@@ -43,3 +43,18 @@ def test_quantize_calib_override_is_checked_against_the_recipe():
     assert _calib_config(recipe, {"algorithm": "gptq", "damp": 0.1}).options == {"damp": 0.1}
     with pytest.raises(ValueError, match="smoothquant"):
         _calib_config(recipe, "smoothquant")
+
+
+def test_a_list_chains_algorithms_and_every_step_is_checked():
+    calib = CalibConfig.from_dict([{"algorithm": "smoothquant", "search": True}, "gptq"])
+    assert calib.name == "smoothquant+gptq" and [s.algorithm for s in calib.steps] == [
+        "smoothquant", "gptq"]
+    assert calib.to_dict() == [{"algorithm": "smoothquant", "search": True}, {"algorithm": "gptq"}]
+    assert CalibConfig.from_dict(calib.to_dict()) == calib
+    with pytest.raises(ValueError, match=r"calib\[1\].*unknown option"):
+        CalibConfig.from_dict(["smoothquant", {"algorithm": "gptq", "dmp": 0.1}])
+    with pytest.raises(ValueError, match="'max' cannot be chained"):
+        CalibConfig.from_dict(["max", "gptq"])
+    with pytest.raises(ValueError, match="smoothquant.*does not apply"):  # weight-only recipe
+        load_recipe({"name": "w4", "rules": [{"modules": "*", "weight": {"format": "int4"}}],
+                     "calib": ["gptq", "smoothquant"]})
