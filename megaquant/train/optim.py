@@ -4,16 +4,38 @@ Which optimizer, and why: Megatron's ``DistributedOptimizer`` needs the model wr
 Megatron's ``DistributedDataParallel`` (contiguous grad buffers) and, in megatron-core 0.16.1,
 CUDA for its buffers and its fused grad-norm (``multi_tensor_applier`` with a CUDA overflow
 flag). The CPU/gloo runtime has neither, so megaquant trains with ``torch.optim.AdamW`` on
-every device and does the three things Megatron's wrappers would do, in a few lines each:
+every device and does what Megatron's wrappers would do, in a few lines each.
 
-1. **DP gradient all-reduce** (``reduce_gradients``): every DP rank ran its own micro-batches;
-   grads are summed over ``dp_group`` in one flat buffer. The loss is already divided by the
-   global token count, so the sum is the gradient of the global mean.
+Two kinds of parameter, as Megatron sorts them (``not param.allreduce``, set by its linears
+and experts when ``expert_model_parallel_size > 1``; ``is_expert_parallel`` below):
+
+* **dense** (attention, norms, embeddings, router, shared experts, and routed experts at
+  EP=1): replicated over the data-parallel group ``dp_group``;
+* **expert-parallel** (routed experts at EP > 1): each EP rank holds *other* experts, so they
+  are replicated only over the expert-data-parallel group ``expert_dp_group`` (EP=2 on 2
+  ranks: DP group of size 2, expert-DP group of size 1).
+
+The rules (Megatron's DDP and ``ChainedOptimizer`` do the same):
+
+1. **Gradient sum** (``reduce_gradients``): dense grads are summed over ``dp_group``, expert
+   grads over ``expert_dp_group`` (one flat buffer each). The loss is already divided by the
+   global token count, so the sum is the gradient of the global mean. Expert grads need no
+   sum over EP: the token exchange's backward already brought every EP rank's tokens' share
+   to the rank that holds the expert. Summing them over ``dp_group`` would add rank 1's expert
+   2 into rank 0's expert 0.
 2. **Sequence-parallel grads**: params marked ``sequence_parallel`` (norm weights under SP) saw
    only this rank's sequence slice; their grads are summed over ``tp_group``.
-3. **Grad norm under TP** (``grad_norm``): a TP-sharded param (``tensor_model_parallel``)
-   contributes its local squares on every TP rank; a replicated one only on TP rank 0, so it is
-   counted once. One SUM all-reduce over ``tp_group`` (DP ranks hold identical grads by then).
+3. **Grad norm** (``grad_norm``), each parameter counted once over the whole job: a dense param
+   contributes its squares on every TP rank if TP-sharded (``tensor_model_parallel``), else on
+   TP rank 0 only, summed over ``tp_group``; an expert param the same over ``expert_tp_group``,
+   then summed over ``ep_group`` (the ranks holding the other experts). DP and expert-DP
+   replicas hold identical grads after rule 1 and are not summed. The two partial sums add up
+   to the global squared norm, identical on every rank, so clipping scales every rank alike.
+4. **No missing grads**: a trainable param without a grad (an expert that got no token in a
+   module that skips empty experts, a frozen branch) gets a zero grad before the sums, as in
+   Megatron's grad buffers. Every rank then all-reduces buffers of the same layout whatever the
+   routing did (no hang, no size mismatch), and AdamW steps every param the same way at any
+   layout (weight decay and moment decay included).
 
 Optimizer state is plain per-param tensors shaped like the params, which is what lets
 :mod:`megaquant.train.state` save it through the same sharded descriptions as the weights and
@@ -43,8 +65,17 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
                              eps=optim.eps, foreach=False)
 
 
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """Megatron's mark for a param that lives on one EP rank only (``allreduce=False``)."""
+    return not getattr(param, "allreduce", True)
+
+
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _flat_all_reduce(tensors: list[torch.Tensor], group) -> None:
-    if not tensors or dist.get_world_size(group) == 1:
+    if not tensors or group is None or dist.get_world_size(group) == 1:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
@@ -54,30 +85,62 @@ def _flat_all_reduce(tensors: list[torch.Tensor], group) -> None:
         offset += t.numel()
 
 
-def reduce_gradients(model: nn.Module, *, dp_group, tp_group) -> None:
-    """Sum grads over ``dp_group``, and sequence-parallel grads over ``tp_group`` (see top)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    _flat_all_reduce([p.grad for p in params if getattr(p, "sequence_parallel", False)], tp_group)
-    _flat_all_reduce([p.grad for p in params], dp_group)
+def _require(group, name: str, what: str):
+    if group is None:
+        raise ValueError(f"the model has expert-parallel params (EP > 1) but no {name} was "
+                         f"given for {what}; pass the ParallelGroups' {name} "
+                         "(megaquant.megatron.dist.init_model_parallel)")
+    return group
 
 
-def grad_norm(model: nn.Module, tp_group) -> float:
-    """Global L2 norm of the gradients, each TP-replicated param counted once."""
-    tp_rank = dist.get_rank(tp_group)
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
+def reduce_gradients(model: nn.Module, *, dp_group, tp_group, expert_dp_group=None) -> None:
+    """Rules 1, 2 and 4 of the module docstring: zero-fill, SP sum, (expert-)DP sums."""
+    params = _trainable(model)
+    for p in params:
         if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            p.grad = torch.zeros_like(p)
+    _flat_all_reduce([p.grad for p in params if getattr(p, "sequence_parallel", False)], tp_group)
+    expert = [p.grad for p in params if is_expert_parallel(p)]
+    if expert:
+        _flat_all_reduce(expert, _require(expert_dp_group, "expert_dp_group", "the grad sum"))
+    _flat_all_reduce([p.grad for p in params if not is_expert_parallel(p)], dp_group)
+
+
+def _local_squares(params: list[torch.Tensor], tp_group) -> torch.Tensor:
+    """Sum of squared grads this rank owns: TP-sharded on every TP rank, replicated on rank 0."""
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
             sq += p.grad.detach().double().pow(2).sum().cpu()
-    sq = sq.to(next(model.parameters()).device)
-    dist.all_reduce(sq, group=tp_group)
+    return sq
+
+
+def _sum_over(x: torch.Tensor, *groups) -> torch.Tensor:
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(x, group=group)
+    return x
+
+
+def grad_norm(model: nn.Module, tp_group, *, expert_tp_group=None, ep_group=None) -> float:
+    """Global L2 norm of the gradients, each parameter counted once (rule 3, module docstring)."""
+    params = _trainable(model)
+    device = params[0].device
+    dense = [p for p in params if not is_expert_parallel(p)]
+    expert = [p for p in params if is_expert_parallel(p)]
+    sq = _sum_over(_local_squares(dense, tp_group).to(device), tp_group)
+    if expert:
+        etp = _require(expert_tp_group, "expert_tp_group", "the grad norm")
+        esq = _local_squares(expert, etp).to(device)
+        sq = sq + _sum_over(esq, etp, _require(ep_group, "ep_group", "the grad norm"))
     return sq.sqrt().item()
 
 
-def clip_gradients(model: nn.Module, max_norm: float, tp_group) -> float:
+def clip_gradients(model: nn.Module, max_norm: float, tp_group, *, expert_tp_group=None,
+                   ep_group=None) -> float:
     """Scale grads so their global norm is at most ``max_norm`` (0: no clipping); returns it."""
-    norm = grad_norm(model, tp_group)
+    norm = grad_norm(model, tp_group, expert_tp_group=expert_tp_group, ep_group=ep_group)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in model.parameters():

@@ -1,5 +1,5 @@
 """Training checkpoints: weights, quantizer state, optimizer state, RNG and the step, in one
-Megatron distributed checkpoint, written atomically, loadable at another TP/DP layout.
+Megatron distributed checkpoint, written atomically, loadable at another TP/DP/EP layout.
 
 Built on :mod:`megaquant.megatron.checkpoint` (``save_checkpoint``/``load_checkpoint``), which
 takes any object with ``sharded_state_dict()`` and ``load_state_dict(state, strict)``;
@@ -10,7 +10,9 @@ takes any object with ``sharded_state_dict()`` and ``load_state_dict(state, stri
 * optimizer entries: for every param, its AdamW ``exp_avg`` / ``exp_avg_sq`` described by
   *the same* sharded description as the param (``dataclasses.replace`` of its ShardedTensor or
   SwiGLU factory with a new key and the state tensor as data), as Megatron's own optimizers do.
-  So optimizer state reshards exactly like the weights: saved at TP=2, it loads at TP=1;
+  So optimizer state reshards exactly like the weights: saved at TP=2, it loads at TP=1; an
+  expert's moments, like its weights, are stored under the expert's global index (Megatron's
+  ``SequentialMLP.sharded_state_dict``), so saved at EP=2 they load at EP=1;
 * ``rng_state``: each rank's CPU/CUDA generator and RNG-tracker states, a ShardedObject per
   rank. RNG streams are per rank, so they are restored only at the layout they were saved at;
 * metadata (``megaquant.json``): kind, recipe, step, layout, and the training config.
@@ -197,13 +199,14 @@ def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,
     """Collective: load a train checkpoint into ``model`` (+ ``optimizer``); return its metadata.
 
     ``model`` must already be quantized with ``recipe_config`` (so its amax buffers exist).
-    ``layout`` (``{"tp":.., "dp":.., "world_size":..}``) decides whether the per-rank RNG
-    streams can be restored; weights, quantizer and optimizer state load at any layout.
+    ``layout`` (``{"tp":.., "dp":.., "ep":.., "world_size":..}``, ``ep`` 1 when left out)
+    decides whether the per-rank RNG streams can be restored; weights, quantizer and optimizer
+    state load at any layout.
     """
     record = check_compatible(directory, recipe_config)
     meta = record["metadata"]
     saved = record["parallel"]
-    same = all(saved.get(k) == v for k, v in layout.items())
+    same = all(saved.get(k) == v for k, v in {"ep": 1, **layout}.items())
     if optimizer is not None:
         init_optimizer_state(optimizer, meta["step"])
     load_checkpoint(TrainState(model, optimizer, with_rng=same), directory)

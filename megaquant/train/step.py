@@ -9,11 +9,17 @@ number alone, which makes resuming exact and lets a job resume at another DP siz
 Loss scale: each rank sums per-token losses over its micro-batches and divides by the token
 count of the whole global batch, so that after the DP gradient *sum* the gradient is that of
 the global token mean, whatever the DP size (the same number a single process computes).
+
+Expert parallelism: EP ranks are DP ranks (different micro-batches), and every MoE layer
+exchanges tokens over EP in forward and backward, so every DP rank must run the same number of
+micro-batches: ``BatchConfig`` refuses a global batch that does not split evenly. Which group
+sums which gradient, and how the norm counts experts: :mod:`megaquant.train.optim`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,6 +44,16 @@ class StepContext:
     teacher: nn.Module | None = None
     grad_clip: float = 0.0
     precision: str = "32"
+    # Expert parallelism (EP > 1): where expert grads are summed and their norm is counted
+    # (megaquant/train/optim.py). None is fine for a model without expert-parallel params.
+    expert_dp_group: object = None
+    expert_tp_group: object = None
+    ep_group: object = None
+
+    def with_expert_groups(self, groups) -> "StepContext":
+        """This context with the expert groups of ``groups`` (a ``ParallelGroups``)."""
+        return dataclasses.replace(self, expert_dp_group=groups.expt_dp_group,
+                                   expert_tp_group=groups.expt_tp_group, ep_group=groups.ep_group)
 
 
 def micro_batches(windows: Tensor, step: int, batch: BatchConfig, dp_rank: int, dp: int
@@ -98,8 +114,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr
         loss = micro_batch_loss(model, tokens.to(device), ctx) / n_tokens
         loss.backward()
         total += loss.detach().double()
-    reduce_gradients(model, dp_group=ctx.dp_group, tp_group=ctx.tp_group)
-    norm = clip_gradients(model, ctx.grad_clip, ctx.tp_group)
+    reduce_gradients(model, dp_group=ctx.dp_group, tp_group=ctx.tp_group,
+                     expert_dp_group=ctx.expert_dp_group)
+    norm = clip_gradients(model, ctx.grad_clip, ctx.tp_group, expert_tp_group=ctx.expert_tp_group,
+                          ep_group=ctx.ep_group)
     set_lr(optimizer, lr)
     optimizer.step()
     dist.all_reduce(total, group=ctx.dp_group)

@@ -62,22 +62,89 @@ def settings(max_steps=4, distill=False):
 def train_run(groups, full, *, steps=4, distill=False, start=0, stop_after=None, model=None,
               optimizer=None):
     """Train the tiny model; returns (model, optimizer, per-step losses)."""
-    from megaquant.train.loop import train
-    from megaquant.train.optim import build_optimizer
-    from megaquant.train.step import StepContext
-
-    trainer, optim, batch, dist_cfg = settings(steps, distill)
     model = model if model is not None else build(groups, full)
     teacher = None
     if distill:
         teacher = build(groups, full, recipe=None)
         teacher.requires_grad_(False)
+    optimizer, recs = train_records(groups, model, optimizer, steps=steps, distill=distill,
+                                    teacher=teacher, start=start, stop_after=stop_after)
+    return model, optimizer, [r["loss"] for r in recs]
+
+
+def train_records(groups, model, optimizer=None, *, steps=4, distill=False, teacher=None,
+                  start=0, stop_after=None):
+    """Train ``model`` (any layout, expert groups included); returns (optimizer, records)."""
+    from megaquant.train.loop import train
+    from megaquant.train.optim import build_optimizer
+    from megaquant.train.step import StepContext
+
+    trainer, optim, batch, dist_cfg = settings(steps, distill)
     optimizer = optimizer if optimizer is not None else build_optimizer(model, optim)
     ctx = StepContext(windows(), batch, groups.dp_group, groups.tp_group, dist_cfg, teacher,
-                      trainer.gradient_clip_val)
+                      trainer.gradient_clip_val).with_expert_groups(groups)
     recs = train(model, optimizer, ctx, trainer=trainer, optim=optim, start_step=start,
                  stop_after=stop_after)
-    return model, optimizer, [r["loss"] for r in recs]
+    return optimizer, recs
+
+
+# ------------------------------------------------------------------------------ MoE (EP)
+def moe_config():
+    from megaquant.models.gpt import tiny_moe_config
+
+    return tiny_moe_config(moe_token_dispatcher="alltoall")
+
+
+def full_moe_state():
+    """EP=1 weights of the tiny MoE, every expert distinct (tests.moe.moe_helpers)."""
+    from tests.moe.moe_helpers import full_moe_state as full
+
+    return full(moe_config())
+
+
+def full_moe_state_seeded(seed):
+    """Other weights of the same shapes: a model that must get everything from a checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in full_moe_state().items()}
+
+
+def build_moe(groups, full, recipe=RECIPE, calibrate=True, empty_expert=False):
+    """The tiny MoE at this TP x EP layout with ``full`` weights, quantized with ``recipe``.
+
+    ``empty_expert``: the routers never pick expert ``tests.moe.moe_helpers.EMPTY_EXPERT``.
+    """
+    import megaquant
+    from megaquant.evaluate import run_forward
+    from megaquant.models.gpt import build_gpt_model
+    from megaquant.spec import get_spec_provider
+    from tests.moe.moe_helpers import force_empty_expert, load_sharded
+
+    cfg = moe_config()
+    model = build_gpt_model(cfg, get_spec_provider("local"), tp_size=groups.tp, ep_size=groups.ep)
+    load_sharded(model, full, groups.tp_rank, groups.tp, groups.ep_rank,
+                 cfg.num_moe_experts // groups.ep)
+    if empty_expert:
+        force_empty_expert(model)
+    if calibrate:
+        calib = [w[:, :-1] for w in windows(4, seed=5).split(2)]  # 2 batches: one per DP rank
+        megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", groups.dp_group),
+                           dp_group=groups.dp_group)
+    else:
+        megaquant.ptq.restore(model, recipe)
+    return model
+
+
+def global_state(model, groups, what="param", optimizer=None):
+    """Params (or AdamW ``exp_avg``) under global expert names; each rank returns its own."""
+    from tests.moe.moe_helpers import global_name
+
+    num_local = moe_config().num_moe_experts // groups.ep
+    out = {}
+    for name, p in model.named_parameters():
+        t = p if what == "param" else optimizer.state[p][what]
+        out[global_name(name, groups.ep_rank, num_local)] = t.detach().clone()
+    return out
 
 
 def full_optimizer_state(model, optimizer, tp_group):
