@@ -7,6 +7,8 @@ and appends it to benchmarks/RESULTS.md with the date and machine.
 
     python benchmarks/calib.py                                   # the default matrix
     python benchmarks/calib.py --only nvfp4:gptq int8:smoothquant --eval-samples 4
+    python benchmarks/calib.py --only nvfp4:smoothquant+gptq int8_sq:recipe   # a chain; a
+                                                     # built-in recipe with its own calib section
     python benchmarks/calib.py --tp 3 --only int8:smoothquant    # under torchrun, TP=3 check
 
 Under ``torchrun --nproc-per-node=3 ... --tp 3`` the same numbers come out at TP=3 (the
@@ -36,14 +38,23 @@ from megaquant.ptq import quantize
 from megaquant.spec import get_spec_provider
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-MATRIX = {  # recipe -> algorithms compared (the first is RTN with max calibration)
-    "nvfp4": ["max", "mse", "gptq", "smoothquant"],
-    "nvfp4_w4a16": ["max", "mse", "awq", "gptq"],
-    "fp8": ["max", "mse", "smoothquant"],
-    "mxfp4": ["max", "mse", "gptq", "smoothquant"],
-    "int4_w4a16": ["max", "mse", "awq", "gptq"],
-    "int8": ["max", "smoothquant", "gptq"],
+MATRIX = {  # recipe -> calibrations compared (the first is RTN with max calibration)
+    "nvfp4": ["max", "mse", "gptq", "smoothquant+gptq"],
+    "nvfp4_w4a16": ["max", "awq", "gptq"],
+    "int4_w4a16": ["max", "awq", "gptq", "awq+gptq"],
+    "int8": ["max", "smoothquant"],
+    "int8_sq": ["recipe"],
+    "mxfp4": ["max", "gptq", "smoothquant+gptq"],
+    "fp8": ["max"],
 }
+
+
+def calib_spec(algo: str):
+    """``"a+b"`` -> a chain of algorithms with default options; ``"recipe"`` -> the recipe's own
+    ``calib:`` section (None); anything else -> one algorithm's name."""
+    if algo == "recipe":
+        return None
+    return algo.split("+") if "+" in algo else algo
 
 
 def _model(arch: GPTConfig, hf_state, groups, tp: int):
@@ -81,7 +92,7 @@ def main() -> None:
     for recipe, algo in _runs(args.only):
         model = _model(arch, hf_state, groups, args.tp)
         t = time.perf_counter()
-        quantize(model, recipe, loop, dp_group=groups.dp_group, calib=algo)
+        quantize(model, recipe, loop, dp_group=groups.dp_group, calib=calib_spec(algo))
         t_q = time.perf_counter() - t
         ppl = math.exp(evaluate_loss(model, evals, groups.dp_group))
         rows.append((recipe, algo, ppl, ppl / base, t_q))
