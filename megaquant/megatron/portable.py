@@ -50,10 +50,13 @@ Mixture of experts (spec choices made by ``megaquant.models.gpt.mlp_spec`` witho
     ``F.linear`` in the router dtype. Routing itself is Megatron's.
 ``CPUMoELayer`` + ``CPUAlltoAllTokenDispatcher``
     the alltoall dispatcher creates a ``torch.cuda.Stream()`` when built, keeps split sizes as
-    tensors that gloo's ``all_to_all_single`` refuses, and all-gathers an uneven number of
-    tokens over expert-TP (gloo has no uneven all_gather: emulated with one
-    ``all_to_all_single``). The only patches are two names swapped inside context managers
-    while a constructor / ``dispatch_postprocess`` runs. The allgather dispatcher needs nothing.
+    tensors that gloo's ``all_to_all_single`` refuses, and over expert-TP moves an uneven
+    number of tokens per rank: an uneven all-gather in ``dispatch_postprocess`` and, in the
+    backward of ``combine_preprocess``'s uneven reduce-scatter, another one. gloo has no
+    uneven all_gather; both are one ``all_to_all_single`` (``_UnevenAllGather``,
+    ``_UnevenReduceScatter``). The only patches are Megatron names swapped inside context
+    managers while a constructor, ``dispatch_postprocess`` or ``combine_preprocess`` runs.
+    The allgather dispatcher needs nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import mappings as mcore_mappings
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe import moe_layer as mcore_moe_layer
@@ -330,18 +334,29 @@ class CPUTopKRouter(TopKRouter):
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
 
+def _all_gather_uneven(input_: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's ``input_`` (rank r holds ``sizes[r]`` rows) along dim 0.
+
+    gloo's ``all_gather`` wants equal shapes ("invalid tensor size"); ``all_to_all_single``
+    takes per-rank split sizes. So each rank sends its whole input to every rank and receives
+    ``sizes[r]`` rows from rank r: the all-gather, in one collective.
+    """
+    world = torch.distributed.get_world_size(group)
+    n = input_.shape[0]
+    out = input_.new_empty((sum(sizes), *input_.shape[1:]))
+    send = torch.cat([input_.contiguous()] * world)
+    torch.distributed.all_to_all_single(out, send, sizes, [n] * world, group=group)
+    return out
+
+
 class _UnevenAllGather(torch.autograd.Function):
     """All-gather along dim 0 with per-rank sizes, as one ``all_to_all_single`` (gloo has no
     uneven all_gather). Backward sends each rank the gradient of its own slice, summed."""
 
     @staticmethod
     def forward(ctx, input_, group, output_split_sizes):
-        world = torch.distributed.get_world_size(group)
         ctx.group, ctx.sizes, ctx.n = group, list(output_split_sizes), input_.shape[0]
-        out = input_.new_empty((sum(ctx.sizes), *input_.shape[1:]))
-        send = torch.cat([input_.contiguous()] * world)
-        torch.distributed.all_to_all_single(out, send, ctx.sizes, [ctx.n] * world, group=group)
-        return out
+        return _all_gather_uneven(input_, group, ctx.sizes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -365,6 +380,39 @@ def _gather_uneven_ok(original):
     return gather
 
 
+class _UnevenReduceScatter(torch.autograd.Function):
+    """Reduce-scatter along dim 0 with per-rank sizes; its backward is the uneven all-gather.
+
+    Forward: Megatron's own ``_reduce_scatter_along_first_dim`` (gloo's ``reduce_scatter``
+    takes a list of unequal chunks, so the forward already works on CPU). Backward: rank r's
+    output is the sum over ranks of rows ``sizes[r]`` of their inputs, so every rank's input
+    gradient is the concatenation of all ranks' output gradients. Megatron computes that with
+    an uneven ``all_gather``, which gloo refuses ("ProcessGroupGloo::allgather: invalid tensor
+    size"); here it is ``_all_gather_uneven``, one ``all_to_all_single``.
+    """
+
+    @staticmethod
+    def forward(ctx, input_, group, input_split_sizes):
+        ctx.group, ctx.sizes = group, list(input_split_sizes)
+        return mcore_mappings._reduce_scatter_along_first_dim(input_, group, ctx.sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_uneven(grad, ctx.group, ctx.sizes), None, None
+
+
+def _reduce_scatter_uneven_ok(original):
+    """``reduce_scatter_to_sequence_parallel_region`` that routes uneven reduce-scatters to
+    ``_UnevenReduceScatter``."""
+
+    def reduce_scatter(input_, group=None, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        return _UnevenReduceScatter.apply(input_, group, [int(s) for s in input_split_sizes])
+
+    return reduce_scatter
+
+
 @contextlib.contextmanager
 def _patched(obj, name: str, value) -> Iterator[None]:
     saved = getattr(obj, name)
@@ -378,15 +426,18 @@ def _patched(obj, name: str, value) -> Iterator[None]:
 class CPUAlltoAllTokenDispatcher(mcore_dispatch.MoEAlltoAllTokenDispatcher):
     """The alltoall token dispatcher on CPU/gloo; same token order, same results.
 
-    Three CUDA assumptions of the parent, each handled here:
+    Three CUDA/NCCL assumptions of the parent, each handled here:
 
     * its constructor creates a class-wide ``torch.cuda.Stream()`` for device-to-host copies:
       we construct it with a placeholder in that class attribute (restored afterwards);
     * it keeps split sizes as tensors/NumPy arrays copied on that stream; gloo's
       ``all_to_all_single`` wants Python lists, so ``_maybe_dtoh_and_synchronize`` converts
       them (everything already lives on the CPU, no stream or event is needed);
-    * with expert-TP > 1 it all-gathers an uneven number of tokens per TP rank, which gloo
-      cannot; during ``dispatch_postprocess`` that gather goes through ``_UnevenAllGather``.
+    * with expert-TP > 1 it moves an uneven number of tokens per TP rank with collectives
+      gloo cannot do unevenly: the all-gather of ``dispatch_postprocess`` goes through
+      ``_UnevenAllGather``, and the reduce-scatter of ``combine_preprocess`` through
+      ``_UnevenReduceScatter`` (same forward; its backward is an uneven all-gather). Each
+      name is swapped only while that method runs.
     """
 
     def __init__(self, *args, **kwargs):
@@ -412,6 +463,12 @@ class CPUAlltoAllTokenDispatcher(mcore_dispatch.MoEAlltoAllTokenDispatcher):
         gather = _gather_uneven_ok(mcore_dispatch.gather_from_sequence_parallel_region)
         with _patched(mcore_dispatch, "gather_from_sequence_parallel_region", gather):
             return super().dispatch_postprocess(global_input_tokens, global_probs)
+
+    def combine_preprocess(self, hidden_states):
+        original = mcore_dispatch.reduce_scatter_to_sequence_parallel_region
+        scatter = _reduce_scatter_uneven_ok(original)
+        with _patched(mcore_dispatch, "reduce_scatter_to_sequence_parallel_region", scatter):
+            return super().combine_preprocess(hidden_states)
 
 
 class CPUMoELayer(mcore_moe_layer.MoELayer):
