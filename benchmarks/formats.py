@@ -1,10 +1,12 @@
 """Benchmark: fake-quantize a [4096, 4096] float32 tensor with every format.
 
-Times the compiled fast path (its shape-generic kernel) (MEGAQUANT_KERNEL=compiled) and the eager reference, median of
-several runs after warm-up, against ``x.clone()`` of the same tensor timed alternately with each
-case (the memory-bandwidth reference: one read + one write; alternating keeps the ratio honest on
-a machine shared with other jobs). Checks compiled == eager bit-exactly on the way.
-Prints a table and appends it, with date and machine, to benchmarks/RESULTS.md.
+Times the compiled fast path (its shape-generic kernel) (MEGAQUANT_KERNEL=compiled) and the
+eager reference, median of several runs after warm-up, against ``x.clone()`` of the same tensor
+timed alternately with each case (the memory-bandwidth reference: one read + one write;
+alternating keeps the ratio honest on a machine shared with other jobs). Checks compiled ==
+eager bit-exactly on the way. Mode "ste" is the QAT forward: static amax, ``x`` requiring grad,
+so the kernel also writes the straight-through keep mask.
+Prints a table and appends it, with date, machine and load average, to benchmarks/RESULTS.md.
 
     PYTHONPATH=. python benchmarks/formats.py [--size 4096] [--runs 7] [--no-append]
 """
@@ -24,9 +26,11 @@ import torch
 from megaquant.formats import get_format
 
 # (format, mode): "static" passes a calibrated amax (the PTQ/QAT hot path), "dynamic" computes it
-# from x, "block" formats take every scale from the data.
-CASES = [("fp8", "static"), ("fp8", "dynamic"), ("nvfp4", "static"), ("nvfp4", "dynamic"),
-         ("mxfp8", "block"), ("mxfp4", "block"), ("int8", "static"), ("int4", "block")]
+# from x, "block" formats take every scale from the data, "ste" is "static" with x requiring grad
+# (the QAT forward: the kernel also writes the keep mask).
+CASES = [("fp8", "static"), ("fp8", "dynamic"), ("fp8", "ste"), ("nvfp4", "static"),
+         ("nvfp4", "dynamic"), ("nvfp4", "ste"), ("mxfp8", "block"), ("mxfp4", "block"),
+         ("int8", "static"), ("int4", "block")]
 
 
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
@@ -53,15 +57,22 @@ def paired_ms(fn, ref, runs: int) -> tuple[float, float]:
 def run_case(x, name, mode, kernel, runs):
     """(fake-quant ms, clone ms timed alternately with it, output)."""
     fmt = get_format(name)
-    amax = fmt.compute_amax(x) if mode == "static" else None
+    amax = fmt.compute_amax(x) if mode in ("static", "ste") else None
+    if mode == "ste":
+        x = x.detach().requires_grad_(True)
     os.environ["MEGAQUANT_KERNEL"] = kernel
     if kernel == "compiled":
-        # a first call on another shape makes torch.compile's automatic dynamic shapes recompile
-        # the kernel shape-generic: the kernel a PTQ run over many layer shapes ends up using
-        small = x[:64, :256].contiguous()
+        # a first call on another shape, so that the timed kernel is the shape-generic one a run
+        # over many layer shapes uses (FP8/INT: automatic dynamic shapes recompile it; NVFP4/MX
+        # compile one flat [rows, block] kernel with dynamic rows from the start)
+        small = x.detach()[:64, :256].contiguous().requires_grad_(x.requires_grad)
         fmt.fake_quantize(small, fmt.compute_amax(small) if amax is not None else None)
-    ms, clone_ms = paired_ms(lambda: fmt.fake_quantize(x, amax), lambda: x.clone(), runs)
-    return ms, clone_ms, fmt.fake_quantize(x, amax)
+    ms, clone_ms = paired_ms(lambda: fmt.fake_quantize(x, amax), lambda: x.detach().clone(), runs)
+    return ms, clone_ms, fmt.fake_quantize(x, amax).detach()
+
+
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{v:.2f}" for v in avg)
 
 
 def main() -> None:
@@ -71,6 +82,7 @@ def main() -> None:
     ap.add_argument("--eager-runs", type=int, default=3)
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     x = torch.randn(args.size, args.size) * 2.0
     gb = x.numel() * x.element_size() / 1e9
@@ -90,12 +102,17 @@ def main() -> None:
                  "in the same loop (the first row is a plain clone median for reference).")
     table = "\n".join(lines)
     print(table)
+    print(f"load average (1/5/15 min): {_load(load_before)} at the start, "
+          f"{_load(os.getloadavg())} at the end")
     if not args.no_append:
         header = (f"\n## formats fake-quant, [{args.size}, {args.size}] float32 — "
                   f"{datetime.datetime.now(datetime.timezone.utc).strftime('%a %b %d %H:%M:%S UTC %Y')}\n\n"
                   f"machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
                   f"threads {torch.get_num_threads()}, median of {args.runs} (eager {args.eager_runs}) "
-                  f"after 2 warm-up runs\n\n")
+                  f"after 2 warm-up runs; load average (1/5/15 min) {_load(load_before)} at "
+                  f"the start, {_load(os.getloadavg())} at the end (2 cores: above ~2 the "
+                  "machine is shared and absolute times are inflated; compare ratios within "
+                  "this table)\n\n")
         path = Path(__file__).with_name("RESULTS.md")
         with path.open("a") as f:
             f.write(header + table + "\n")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import constants as C
+from megaquant.formats import fused
 from megaquant.formats.base import (
     QuantFormat,
     QuantizedTensor,
@@ -28,7 +29,13 @@ from megaquant.formats.base import (
     check_choice,
     check_input,
 )
-from megaquant.formats.rounding import block_amax, from_blocks, round_minifloat, to_blocks
+from megaquant.formats.rounding import (
+    block_amax,
+    from_blocks,
+    keep_mask,
+    round_minifloat,
+    to_blocks,
+)
 from megaquant.formats.nvfp4 import e2m1_decode, e2m1_encode
 
 SCALE_RULES = ("ocp", "round_up")
@@ -69,13 +76,14 @@ def _mx_values(xb: Tensor, round_up: bool, mant_bits: int, emin: int, emax_elem:
     return round_minifloat(y, mant_bits, emin, elem_max), e, scale, finite, y
 
 
+@fused.blockwise(block_param=0)
 def mx_kernel(x: Tensor, amax: Tensor | None, want_mask: bool, block_size: int, round_up: bool,
               mant_bits: int, emin: int, emax_elem: int, elem_max: float):
     """Pure MX fake quantization (eager reference and compile input); ``amax`` is unused."""
     xb = to_blocks(x.float(), block_size)
     q, _, scale, _, y = _mx_values(xb, round_up, mant_bits, emin, emax_elem, elem_max)
     out = from_blocks(q * scale, x.shape).to(x.dtype)  # inf in a block -> NaN scale
-    return out, (from_blocks(~(y.abs() > elem_max), x.shape) if want_mask else None)
+    return out, (from_blocks(keep_mask(y, elem_max), x.shape) if want_mask else None)
 
 
 @dataclass(frozen=True)

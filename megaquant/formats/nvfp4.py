@@ -23,10 +23,12 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import constants as C
+from megaquant.formats import fused
 from megaquant.formats.base import QuantFormat, QuantizedTensor, check_block_size, check_input
 from megaquant.formats.rounding import (
     block_amax,
     from_blocks,
+    keep_mask,
     round_minifloat,
     scale_from_amax,
     to_blocks,
@@ -51,25 +53,34 @@ def nvfp4_global_scale(global_amax: Tensor) -> Tensor:
 def _nvfp4_values(xb: Tensor, g: Tensor | None):
     """(E2M1 values q, block scale s, global scale g, scaled input y) for blocked float32 xb.
 
-    ``g`` None: dynamic, from the amax of xb.
+    ``g`` None: dynamic, from the amax of xb — taken as the max of the block amaxes (the same
+    number, NaN included), which spares the compiled kernel a second pass over x.
     """
+    bamax = block_amax(xb)
     if g is None:
-        g = nvfp4_global_scale(xb.abs().amax() if xb.numel() else xb.new_zeros(()))
-    s = nvfp4_block_scale(block_amax(xb), g)
+        g = nvfp4_global_scale(bamax.amax() if bamax.numel() else xb.new_zeros(()))
+    s = nvfp4_block_scale(bamax, g)
     y = xb / (s * g)
     return round_minifloat(y, *_E2M1), s, g, y
 
 
+@fused.blockwise(block_param=0)
 def nvfp4_kernel(x: Tensor, g: Tensor | None, want_mask: bool, block_size: int):
     """Pure NVFP4 fake quantization (eager reference and compile input).
 
     Takes the global *scale* g (None: dynamic), computed outside from a static amax: a scalar
     derived once, not recomputed for every block inside the compiled loop.
+
+    Returns (out, keep mask or None, block scales s). ``s`` is returned only so that inductor
+    stores it: it then computes the ~30 scalar ops of the scale in a pass of their own,
+    vectorised over 8 blocks at a time, instead of inline in the element loop, once per 8
+    elements (~20% less CPU time, same numbers). ``fused.run_kernel`` drops it.
     """
     xb = to_blocks(x.float(), block_size)
     q, s, g, y = _nvfp4_values(xb, g)
     out = from_blocks(q * s * g, x.shape).to(x.dtype)  # inf in a block -> NaN scale s
-    return out, (from_blocks(~(y.abs() > C.E2M1_MAX), x.shape) if want_mask else None)
+    keep = from_blocks(keep_mask(y, C.E2M1_MAX), x.shape) if want_mask else None
+    return out, keep, s
 
 
 def e2m1_encode(q: Tensor) -> Tensor:

@@ -68,6 +68,19 @@ def nan_where_inf(out: Tensor, x: Tensor) -> Tensor:
     return torch.where(x.abs() == float("inf"), torch.full_like(out, float("nan")), out)
 
 
+def keep_mask(y: Tensor, limit: float) -> Tensor:
+    """STE keep mask of scaled values ``y``: 1 where ``|y| <= limit`` (NaN too), 0 where clipped.
+
+    uint8 0/1 when compiled (``fused`` views it as bool): inductor's CPU code stores a bool vector
+    through a scalar loop, which made the mask cost more than the whole quantization; a 0/1 select
+    narrowed to uint8 is stored as a vector. Eagerly the plain bool (no int64 temporary).
+    """
+    clipped = y.abs() > limit
+    if torch.compiler.is_compiling():
+        return torch.where(clipped, 0, 1).to(torch.uint8)
+    return ~clipped
+
+
 def to_blocks(x: Tensor, block_size: int) -> Tensor:
     """View float32 ``x`` as [..., n_blocks, block_size] along the last dim, zero-padding the tail.
 

@@ -1,23 +1,26 @@
 """The compiled fast path (megaquant.formats.fused) is bit-identical to the eager kernels, and the
 dispatch policy / fallback behave as documented.
 
-Compiling costs ~10-30 s per kernel variant on the 2-core CI machine, so by default only two
-variants are compiled (NVFP4 forward in float32 on a ragged last dim, FP8 forward+STE in
-bfloat16), one shape each, on data full of ties, saturation, zero blocks, subnormal scales and
-NaN/inf. Set MEGAQUANT_TEST_COMPILED=all
-to compile every format x dtype x grad variant (several minutes). The benchmark also checks
-compiled == eager for every format on a [4096, 4096] tensor.
+Compiling costs ~10-30 s per kernel variant on the 2-core CI machine, so by default only a few
+variants are compiled (NVFP4 forward in float32 on a ragged last dim, NVFP4 STE with a dynamic
+amax in bfloat16, MXFP4 STE in float16, FP8 forward+STE in bfloat16), on data full of ties,
+saturation, zero blocks, subnormal scales and NaN/inf, plus NVFP4 over many shapes (one compile
+per variant, not per shape). Set MEGAQUANT_TEST_COMPILED=all to compile every format x dtype x
+grad variant (several minutes). The benchmark also checks compiled == eager for every format on
+a [4096, 4096] tensor.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from megaquant.formats import FORMATS, FP8, NVFP4, fused, get_format
+from megaquant.formats import FORMATS, FP8, MXFP4, NVFP4, fused, get_format
 from tests.formats.fmt_helpers import assert_bitwise, eager_by_default, random_tensor  # noqa: F401
 
 FULL = os.environ.get("MEGAQUANT_TEST_COMPILED") == "all"
@@ -60,6 +63,19 @@ def test_compiled_nvfp4_bit_identical(monkeypatch):
 
 
 @pytest.mark.timeout(300)
+def test_compiled_nvfp4_ste_dynamic_bf16_bit_identical(monkeypatch):
+    # dynamic amax: the global scale comes from the block amaxes inside the compiled kernel
+    x = _hard_tensor((3, 40, 96), torch.bfloat16)
+    _compare(NVFP4(), x, None, grad=True, monkeypatch=monkeypatch)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_mxfp4_ste_fp16_bit_identical(monkeypatch):
+    x = _hard_tensor((5, 7, 100), torch.float16)  # ragged: 100 is not a multiple of 32
+    _compare(MXFP4(), x, None, grad=True, monkeypatch=monkeypatch)
+
+
+@pytest.mark.timeout(300)
 def test_compiled_fp8_ste_bf16_bit_identical(monkeypatch):
     x = _hard_tensor((48, 128), torch.bfloat16)
     _compare(FP8(), x, torch.tensor(3.0), grad=True, monkeypatch=monkeypatch)
@@ -83,6 +99,24 @@ def fresh_fused():
     fused.reset()
     yield
     fused.reset()
+
+
+# QAT sees weights and activations of many shapes: 2-D and 3-D, ragged last dims, size-1 dims
+MANY_SHAPES = [(64, 256), (128, 512), (3, 7, 128), (2, 1, 96), (5, 250), (4, 4, 4, 32), (256,),
+               (7, 33), (16, 1, 48), (9, 160), (2, 3, 4, 5, 16), (300, 64)]
+
+
+@pytest.mark.timeout(600)
+def test_compiled_nvfp4_many_shapes_compile_once_per_variant(monkeypatch, fresh_fused):
+    torch._dynamo.reset()  # count this test's compiles only
+    graphs = counters["stats"]["unique_graphs"]
+    fmt, amax = NVFP4(), torch.tensor(3.0)
+    for shape in MANY_SHAPES:
+        x = _hard_tensor(shape, torch.float32) if math.prod(shape) >= 512 else random_tensor(shape)
+        for grad in (False, True):
+            _compare(fmt, x, amax, grad, monkeypatch)  # fails on a fallback to eager, too
+    # two variants (forward, STE); flat [rows, 16] views leave only the row count to vary
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
 
 
 def test_compile_failure_warns_once_and_falls_back(monkeypatch, fresh_fused):
