@@ -18,6 +18,7 @@ from megaquant.formats import constants as C
 from megaquant.formats.base import QuantFormat, QuantizedTensor, check_choice, check_input
 from megaquant.formats.rounding import (
     amax_per_axis,
+    keep_mask,
     channel_shape,
     nan_where_inf,
     normalize_axis,
@@ -47,7 +48,7 @@ def fp8_kernel(x: Tensor, amax: Tensor | None, want_mask: bool, mant_bits: int, 
     x32 = x.float()
     q, scale, y = _fp8_codes(x32, amax, mant_bits, emin, qmax, axis)
     out = nan_where_inf(q * scale, x32).to(x.dtype)
-    return out, (~(y.abs() > qmax) if want_mask else None)
+    return out, (keep_mask(y, qmax) if want_mask else None)
 
 
 @dataclass(frozen=True)

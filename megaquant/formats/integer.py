@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import constants as C
+from megaquant.formats import fused
 from megaquant.formats.base import QuantFormat, QuantizedTensor, check_block_size, check_input
 from megaquant.formats.rounding import (
     amax_per_axis,
+    keep_mask,
     block_amax,
     channel_shape,
     from_blocks,
@@ -52,15 +54,16 @@ def int_kernel(x: Tensor, amax: Tensor | None, want_mask: bool, qmax: int, axis:
         amax = amax_per_axis(x32, axis)
     codes, scale, y = _int_codes(x32, amax, qmax)
     out = _int_values(codes, scale, qmax).to(x.dtype)
-    return out, (~(y.abs() > qmax) if want_mask else None)
+    return out, (keep_mask(y, qmax) if want_mask else None)
 
 
+@fused.blockwise(block_param=1)
 def int_block_kernel(x: Tensor, amax: Tensor | None, want_mask: bool, qmax: int, block_size: int):
     """Pure blockwise integer fake quantization (INT4); ``amax`` is unused."""
     xb = to_blocks(x.float(), block_size)
     codes, scale, y = _int_codes(xb, block_amax(xb), qmax)
     out = from_blocks(_int_values(codes, scale, qmax), x.shape).to(x.dtype)
-    return out, (from_blocks(~(y.abs() > qmax), x.shape) if want_mask else None)
+    return out, (from_blocks(keep_mask(y, qmax), x.shape) if want_mask else None)
 
 
 @dataclass(frozen=True)
