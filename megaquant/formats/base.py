@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import fused
+from megaquant.formats.rounding import amax_per_axis, channel_shape, normalize_axis
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -154,6 +155,26 @@ def check_choice(fmt: QuantFormat, field: str, value, choices) -> None:
         raise ValueError(
             f"{type(fmt).__name__}: {field}={value!r} is not valid; choose one of {sorted(choices, key=str)}."
         )
+
+
+class PerAxisAmax:
+    """Amax methods of a format with one amax per tensor (``axis`` None) or per channel along
+    ``axis`` (FP8, INT8): list it before QuantFormat in the bases."""
+
+    def _axis(self, x: Tensor) -> int | None:
+        return normalize_axis(self.axis, max(x.dim(), 1), type(self).__name__)
+
+    def _amax_reduce(self, x32: Tensor) -> Tensor:
+        return amax_per_axis(x32, self._axis(x32))
+
+    def _amax_shape(self, x: Tensor) -> tuple[int, ...]:
+        return channel_shape(x.shape, self._axis(x))
+
+
+def check_axis(fmt: QuantFormat, axis) -> None:
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+        raise ValueError(f"{type(fmt).__name__}: axis={axis!r} is not valid; use None (per tensor) "
+                         "or an int.")
 
 
 def check_block_size(fmt: QuantFormat, block_size) -> None:

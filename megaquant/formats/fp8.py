@@ -15,13 +15,12 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import constants as C
-from megaquant.formats.base import QuantFormat, QuantizedTensor, check_choice, check_input
+from megaquant.formats.base import (PerAxisAmax, QuantFormat, QuantizedTensor, check_axis,
+                                    check_choice, check_input)
 from megaquant.formats.rounding import (
     amax_per_axis,
     keep_mask,
-    channel_shape,
     nan_where_inf,
-    normalize_axis,
     round_minifloat,
     scale_from_amax,
 )
@@ -52,7 +51,7 @@ def fp8_kernel(x: Tensor, amax: Tensor | None, want_mask: bool, mant_bits: int, 
 
 
 @dataclass(frozen=True)
-class FP8(QuantFormat):
+class FP8(PerAxisAmax, QuantFormat):
     """FP8 E4M3 (max 448) or E5M2 (max 57344); ``axis`` None = per tensor, else per channel."""
 
     dtype: str = "e4m3"
@@ -63,17 +62,7 @@ class FP8(QuantFormat):
 
     def __post_init__(self):
         check_choice(self, "dtype", self.dtype, _FP8.keys())
-        if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
-            raise ValueError(f"FP8: axis={self.axis!r} is not valid; use None (per tensor) or an int.")
-
-    def _axis(self, x: Tensor) -> int | None:
-        return normalize_axis(self.axis, max(x.dim(), 1), "FP8")
-
-    def _amax_reduce(self, x32: Tensor) -> Tensor:
-        return amax_per_axis(x32, self._axis(x32))
-
-    def _amax_shape(self, x: Tensor) -> tuple[int, ...]:
-        return channel_shape(x.shape, self._axis(x))
+        check_axis(self, self.axis)
 
     def _params(self, x: Tensor) -> tuple:
         mant_bits, emin, qmax, _ = _FP8[self.dtype]

@@ -19,14 +19,13 @@ from torch import Tensor
 
 from megaquant.formats import constants as C
 from megaquant.formats import fused
-from megaquant.formats.base import QuantFormat, QuantizedTensor, check_block_size, check_input
+from megaquant.formats.base import (PerAxisAmax, QuantFormat, QuantizedTensor, check_axis,
+                                    check_block_size, check_input)
 from megaquant.formats.rounding import (
     amax_per_axis,
-    keep_mask,
     block_amax,
-    channel_shape,
     from_blocks,
-    normalize_axis,
+    keep_mask,
     scale_from_amax,
     to_blocks,
 )
@@ -67,7 +66,7 @@ def int_block_kernel(x: Tensor, amax: Tensor | None, want_mask: bool, qmax: int,
 
 
 @dataclass(frozen=True)
-class INT8(QuantFormat):
+class INT8(PerAxisAmax, QuantFormat):
     """Symmetric INT8, codes in [-127, 127]; ``axis`` None = per tensor, else per channel."""
 
     axis: int | None = None
@@ -76,17 +75,7 @@ class INT8(QuantFormat):
     needs_amax: ClassVar[bool] = True
 
     def __post_init__(self):
-        if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
-            raise ValueError(f"INT8: axis={self.axis!r} is not valid; use None (per tensor) or an int.")
-
-    def _axis(self, x: Tensor) -> int | None:
-        return normalize_axis(self.axis, max(x.dim(), 1), "INT8")
-
-    def _amax_reduce(self, x32: Tensor) -> Tensor:
-        return amax_per_axis(x32, self._axis(x32))
-
-    def _amax_shape(self, x: Tensor) -> tuple[int, ...]:
-        return channel_shape(x.shape, self._axis(x))
+        check_axis(self, self.axis)
 
     def _kernel(self, x: Tensor):
         return int_kernel, (C.INT8_MAX, self._axis(x))
