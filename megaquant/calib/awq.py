@@ -57,6 +57,7 @@ from megaquant.calib.algorithms import (all_gather_cat, all_reduce, capture_inpu
                                         group_size, is_row_parallel, progress, quant_linears,
                                         weight_amax)
 from megaquant.calib.fold import fold_input_scale, producer_of
+from megaquant.calib.mse import search_block_clip
 from megaquant.calib.sync import SyncItem, tp_reduced
 
 NEEDS_DATA = True
@@ -114,31 +115,6 @@ def _search(layer, w: torch.Tensor, full: bool, x_mean, h, grid: int) -> torch.T
     return scales[int(torch.argmin(losses))]
 
 
-def clip_blocks(fmt, w: torch.Tensor, amax, h: torch.Tensor, ratios) -> torch.Tensor:
-    """``w`` [out, in] with each block clipped at the ratio of its max that minimises
-    ``d_b^T H_bb d_b`` (``h`` [in, in] the Hessian of this weight's input channels; pure)."""
-    bs = fmt.block_size
-    rows, cols = w.shape
-    nb = -(-cols // bs)
-    pad = nb * bs - cols  # a last partial block is padded with zeros, as the format does
-    wp = torch.nn.functional.pad(w, (0, pad)).reshape(rows, nb, bs)
-    hp = torch.nn.functional.pad(h, (0, pad, 0, pad))
-    hb = torch.stack([hp[i * bs:(i + 1) * bs, i * bs:(i + 1) * bs] for i in range(nb)])
-    m = wp.abs().amax(-1, keepdim=True)
-    best_err, best_r = None, torch.ones_like(m)
-    for r in ratios:
-        wc = torch.minimum(torch.maximum(wp, -m * r), m * r).reshape(rows, nb * bs)[:, :cols]
-        d = torch.nn.functional.pad(fmt.fake_quantize(wc, amax) - w, (0, pad)).reshape(rows, nb, bs)
-        err = torch.einsum("rnb,nbc,rnc->rn", d, hb, d).unsqueeze(-1)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_r = torch.where(better, torch.full_like(m, r), best_r)
-        best_err = torch.where(better, err, best_err)
-    return torch.minimum(torch.maximum(wp, -m * best_r), m * best_r).reshape(rows, nb * bs)[:, :cols]
-
-
 def _clip(layer, h_full: torch.Tensor, s_full: torch.Tensor, opts: Options):
     """Clip ``layer``'s (already scaled) local weight blocks; returns the amax to pin or None."""
     q = layer.weight_quantizer
@@ -150,7 +126,7 @@ def _clip(layer, h_full: torch.Tensor, s_full: torch.Tensor, opts: Options):
     h = h_full / (s_full[:, None] * s_full[None, :])  # the Hessian of x / s
     amax = weight_amax(layer, w) if q.mode == "static" else None
     ratios = torch.linspace(opts.clip_min, 1.0, opts.clip_ratios).tolist()
-    layer.weight.data.copy_(clip_blocks(q.fmt, w, amax, h, ratios).to(layer.weight.dtype))
+    layer.weight.data.copy_(search_block_clip(q.fmt, w, amax, ratios, h).to(layer.weight.dtype))
     return amax
 
 

@@ -75,8 +75,11 @@ def search_amax(fmt, w: torch.Tensor, amax: torch.Tensor, ratios, reduce) -> tor
     return best
 
 
-def search_block_clip(fmt, w: torch.Tensor, amax, ratios) -> torch.Tensor:
-    """``w`` with each block clipped at the ratio of its max that minimises the block's error.
+def search_block_clip(fmt, w: torch.Tensor, amax, ratios, h: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """``w`` [out, in] with each block clipped at the ratio of its max that minimises the block's
+    error against the unclipped ``w``: the squared error, or with ``h`` [in, in] (the Hessian of
+    the inputs, AWQ's clipping) the block's share of the output error ``d_b^T H_bb d_b``.
 
     A last partial block (input dim not a multiple of the block) is padded with zeros, as the
     format pads it: zeros change neither the block max nor the error.
@@ -84,21 +87,26 @@ def search_block_clip(fmt, w: torch.Tensor, amax, ratios) -> torch.Tensor:
     bs = fmt.block_size
     rows, cols = w.shape
     nb = -(-cols // bs)
-    wp = torch.nn.functional.pad(w, (0, nb * bs - cols))
-    m = wp.abs().reshape(rows, nb, bs).amax(-1, keepdim=True)
+    pad = nb * bs - cols
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(rows, nb, bs)
+    if h is not None:
+        hp = torch.nn.functional.pad(h, (0, pad, 0, pad))
+        hb = torch.stack([hp[i * bs:(i + 1) * bs, i * bs:(i + 1) * bs] for i in range(nb)])
+    m = wp.abs().amax(-1, keepdim=True)
     best_err, best_r = None, torch.ones_like(m)
     for r in ratios:
-        lim = (m * r).expand(-1, -1, bs).reshape(rows, nb * bs)
-        wc = torch.minimum(torch.maximum(wp, -lim), lim)
-        err = (fmt.fake_quantize(wc, amax) - wp).pow(2).reshape(rows, nb, bs).sum(-1, True)
+        wc = torch.minimum(torch.maximum(wp, -m * r), m * r).reshape(rows, nb * bs)
+        d = (fmt.fake_quantize(wc, amax).reshape(rows, nb, bs) - wp)
+        err = (d.pow(2).sum(-1) if h is None
+               else torch.einsum("rnb,nbc,rnc->rn", d, hb, d)).unsqueeze(-1)
         if best_err is None:
-            best_err, best_r = err, torch.full_like(m, r)
+            best_err = err
             continue
         better = err < best_err
         best_r = torch.where(better, torch.full_like(m, r), best_r)
         best_err = torch.where(better, err, best_err)
-    lim = (m * best_r).expand(-1, -1, bs).reshape(rows, nb * bs)
-    return torch.minimum(torch.maximum(wp, -lim), lim)[:, :cols]
+    wc = torch.minimum(torch.maximum(wp, -m * best_r), m * best_r)
+    return wc.reshape(rows, nb * bs)[:, :cols]
 
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:

@@ -15,7 +15,7 @@ Policy, from the ``MEGAQUANT_KERNEL`` environment variable (read at every call):
 * ``compiled``: always compiled (tests of the fast path use this).
 * ``eager``: never compiled (the reference).
 
-Blockwise kernels (NVFP4, MX: registered with :func:`blockwise`) are compiled on a flat
+Blockwise kernels (NVFP4, MX, INT4: registered with :func:`blockwise`) are compiled on a flat
 ``[rows, block_size]`` view: blocks are independent and a tensor-wide amax does not depend on
 the layout, so the numbers are those of the original shape. Only ``rows`` varies between
 tensors, and it is marked dynamic before the first compile, so one kernel serves every shape —
@@ -25,7 +25,7 @@ torch.compile's recompile limit. The flat view also avoids a copy pass: on a sym
 twice. A last dim that is not a multiple of the block is zero-padded (and the output sliced)
 outside the compiled kernel: two extra passes, for shapes real models rarely have.
 
-Other kernels (FP8, INT8, INT4) are compiled on the tensor's own shape with torch's automatic
+Other kernels (FP8, INT8) are compiled on the tensor's own shape with torch's automatic
 dynamic shapes: a static kernel for the first shape, one shape-generic recompile for the next.
 
 A *variant* — input dtype, static vs dynamic amax, forward-only vs STE (mask output), format

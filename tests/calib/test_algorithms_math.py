@@ -161,14 +161,14 @@ def test_awq_block_clipping_never_loses_on_its_objective(name, opts):
     amax = fmt.compute_amax(w) if fmt.needs_amax else None
     h = (x.t() @ x).float() / x.shape[0]
     ratios = torch.linspace(0.5, 1.0, 11).tolist()
-    wc = awq.clip_blocks(fmt, w, amax, h, ratios)
+    wc = mse.search_block_clip(fmt, w, amax, ratios, h)
     # the block-diagonal output error the search minimises, computed directly per block
     def blockdiag(wq):
         d, bs = wq - w, fmt.block_size
         return sum(float(awq.output_error(d[:, i:i + bs], h[i:i + bs, i:i + bs]))
                    for i in range(0, w.shape[1], bs))
     assert blockdiag(fmt.fake_quantize(wc, amax)) < blockdiag(fmt.fake_quantize(w, amax))
-    assert torch.equal(awq.clip_blocks(fmt, w, amax, h, [1.0]), w)  # ratio 1: unchanged
+    assert torch.equal(mse.search_block_clip(fmt, w, amax, [1.0], h), w)  # ratio 1: unchanged
 
 
 def test_smoothquant_search_scores_the_quantized_output_and_never_loses_to_no_smoothing():
