@@ -6,8 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from megaquant.calib.algorithms import (CalibConfig, apply_pins, check_recipe_roles, get_algorithm,
-                                        run_algorithm)
+from megaquant.calib.algorithms import CalibConfig, apply_pins, check_recipe_roles, run_algorithm
 from megaquant.calib.calibrate import calibrate
 from megaquant.convert import ConversionReport, apply_recipe, convert_model
 from megaquant.recipe import Recipe, load_recipe

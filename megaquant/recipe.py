@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from megaquant.calib.algorithms import CalibConfig, check_recipe_roles, get_algorithm
+from megaquant.calib.algorithms import CalibConfig, check_recipe_roles
 from megaquant.formats import QuantFormat, get_format
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"

@@ -12,7 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 import megaquant

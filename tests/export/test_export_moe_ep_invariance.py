@@ -13,7 +13,6 @@ handed to ``export_model`` directly is refused (its local expert indices are not
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.distributed_utils import run_ranks
