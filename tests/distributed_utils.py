@@ -15,6 +15,9 @@ MASTER_PORT), so ``megaquant.megatron.dist.init_distributed`` joins as under tor
 one intra-op thread (the CI box has 2 cores for everything). The parent waits at most
 ``timeout_s``: a hung or crashed rank kills all ranks and raises, with the failing rank's
 traceback, instead of blocking the test run. Children tear their process groups down.
+
+``run_script("ptq.py", args, nproc=2)`` runs one of ``scripts/`` as a user would: plain python
+for one process, ``torchrun`` for more.
 """
 
 from __future__ import annotations
@@ -23,18 +26,38 @@ import os
 import pickle
 import queue
 import socket
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_script(script: str, args: Sequence[str], nproc: int = 1, timeout: float = 400
+               ) -> subprocess.CompletedProcess:
+    """Run ``scripts/<script> *args`` from the repo root; stdout/stderr captured as text.
+
+    More than one process goes through torchrun with an explicit free port: with
+    ``--master-port=0`` torchrun hands its workers MASTER_PORT=0 and the rendezvous never meets.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, f"scripts/{script}", *args]
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                    f"--master-port={free_port()}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out) -> None:
@@ -64,7 +87,7 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence = (), timeout_s: flo
     """Spawn ``world_size`` ranks running ``fn(*args)``; return their results in rank order."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out), daemon=False)
              for r in range(world_size)]
     for p in procs:

@@ -53,3 +53,25 @@ def unsharded_amax(model, rename=lambda name: name) -> dict:
                 amax = torch.cat(parts, dim=axis)
             out[rename(f"{name}.{qname}")] = amax.clone()
     return out
+
+
+TWO_RANK_LAYOUTS = (("tp2", 2, False), ("tp2_sp", 2, True), ("dp2", 1, False))  # (name, tp, sp)
+
+
+def tiny_full_state(seed: int = 0) -> dict:
+    """The TP=1 state dict of a freshly seeded tiny GPT: the weights every layout starts from."""
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+
+    torch.manual_seed(seed)
+    model = build_gpt_model(tiny_gpt_config(), tp_size=1)
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def on_two_rank_layouts(quantize_all, full_state) -> dict:
+    """Per rank of a 2-rank ``run_ranks``: ``quantize_all(groups, tp, sp, full_state)`` at TP=2,
+    TP=2 with sequence parallelism, then DP=2 (one spawn for all three), keyed by layout."""
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
+    init_distributed(timeout_s=120)
+    return {layout: quantize_all(init_model_parallel(tp=tp), tp, sp, full_state)
+            for layout, tp, sp in TWO_RANK_LAYOUTS}

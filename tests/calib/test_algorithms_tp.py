@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
+from tests.sharding import on_two_rank_layouts, tiny_full_state
 
 INT4 = {"name": "int4_32", "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 32}}]}
 RECIPES = {"int8_sq": "int8_sq", "int4_awq": INT4 | {"calib": "awq"}, "nvfp4_mse": "nvfp4_mse",
@@ -47,28 +48,13 @@ def _quantize_all(groups, tp, sp, full_state):
     return results
 
 
-def _two_rank_layouts(full_state):
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
-
-    torch.set_num_threads(1)
-    init_distributed(timeout_s=120)
-    out = {}
-    for layout, tp, sp in (("tp2", 2, False), ("tp2_sp", 2, True), ("dp2", 1, False)):
-        out[layout] = _quantize_all(init_model_parallel(tp=tp), tp, sp, full_state)
-    return out
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_algorithms_tp2_sp_and_dp2_match_single_process(megatron_single):
-    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
-
-    torch.manual_seed(0)
-    model = build_gpt_model(tiny_gpt_config(), tp_size=1)
-    full = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    full = tiny_full_state()
     ref = _quantize_all(megatron_single, 1, False, full)
-    by_rank = run_ranks(_two_rank_layouts, 2, (full,), timeout_s=540)
+    by_rank = run_ranks(on_two_rank_layouts, 2, (_quantize_all, full), timeout_s=540)
     for rank, res in enumerate(by_rank):
         for layout, per_recipe in res.items():
             for key, want in ref.items():

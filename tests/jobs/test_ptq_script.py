@@ -1,21 +1,10 @@
 """scripts/ptq.py end to end on the tiny model: outputs, summary, and fast failure on bad input."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.distributed_utils import run_script
 
 
 def _text(tmp_path, name="text.txt", repeat=200):
@@ -25,14 +14,7 @@ def _text(tmp_path, name="text.txt", repeat=200):
 
 
 def _run(args, nproc=1, timeout=400):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "scripts/ptq.py", *args]
-    else:
-        # An explicit free port: torchrun passes --master-port=0 to the workers unchanged.
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={_free_port()}", "scripts/ptq.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script("ptq.py", args, nproc=nproc, timeout=timeout)
 
 
 def _tiny_args(tmp_path, recipe="fp8", *extra):

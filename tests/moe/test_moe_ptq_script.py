@@ -1,21 +1,10 @@
 """``scripts/ptq.py model=tiny_moe parallel.ep=2`` under torchrun (2 processes) end to end."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.distributed_utils import run_script
 
 
 @pytest.mark.multiprocess
@@ -24,13 +13,11 @@ def _free_port() -> int:
 def test_ptq_script_tiny_moe_ep2(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question: " * 200)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={_free_port()}", "scripts/ptq.py", "+recipe=fp8", "model=tiny_moe",
-           "parallel.ep=2", f"data.calib_text={text}", f"data.eval_text={text}",
-           "data.calib_samples=4", "data.eval_samples=4", "data.micro_batch=2",
-           "run.timeout_s=120", f"run.output_dir={tmp_path / 'out'}"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
+    res = run_script("ptq.py", ["+recipe=fp8", "model=tiny_moe", "parallel.ep=2",
+                                f"data.calib_text={text}", f"data.eval_text={text}",
+                                "data.calib_samples=4", "data.eval_samples=4", "data.micro_batch=2",
+                                "run.timeout_s=120", f"run.output_dir={tmp_path / 'out'}"],
+                     nproc=2, timeout=380)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["parallel"]["ep"] == 2 and summary["world_size"] == 2

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from tests.distributed_utils import run_ranks
+from tests.sharding import on_two_rank_layouts, tiny_full_state
 
 RECIPES = ["nvfp4", "fp8_per_channel", "int8"]
 SEQ = 16
@@ -50,27 +51,12 @@ def _quantize_all(groups, tp, sp, full_state):
     return results
 
 
-def _two_rank_layouts(full_state):
-    """On 2 ranks: TP=2, TP=2 with sequence parallelism, then DP=2 (one spawn for all three)."""
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
-
-    init_distributed(timeout_s=120)
-    out = {}
-    for layout, tp, sp in (("tp2", 2, False), ("tp2_sp", 2, True), ("dp2", 1, False)):
-        out[layout] = _quantize_all(init_model_parallel(tp=tp), tp, sp, full_state)
-    return out
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_calibration_tp2_sp_and_dp2_match_single_process(megatron_single):
-    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
-
-    torch.manual_seed(0)
-    model = build_gpt_model(tiny_gpt_config(), tp_size=1)
-    full = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    full = tiny_full_state()
     ref = _quantize_all(megatron_single, 1, False, full)
-    by_rank = run_ranks(_two_rank_layouts, 2, (full,), timeout_s=240)
+    by_rank = run_ranks(on_two_rank_layouts, 2, (_quantize_all, full), timeout_s=240)
     runs = {layout: [r[layout] for r in by_rank] for layout in by_rank[0]}
     for layout, ranks in runs.items():
         for rank, res in enumerate(ranks):
@@ -115,9 +101,7 @@ def test_quantized_checkpoint_saved_at_tp2_loads_at_tp1(megatron_single, tmp_pat
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
     from megaquant.ptq import load_quantized
 
-    torch.manual_seed(0)
-    full = {k: v.clone() for k, v in build_gpt_model(tiny_gpt_config(), tp_size=1)
-            .state_dict().items() if isinstance(v, torch.Tensor)}
+    full = tiny_full_state()
     for recipe in ("fp8_per_channel", "nvfp4"):
         ckpt = str(tmp_path / recipe)
         saved = run_ranks(_save_quantized_tp2, 2, (full, ckpt, recipe), timeout_s=200)[0]

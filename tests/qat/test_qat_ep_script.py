@@ -3,29 +3,13 @@ calibrates, trains, saves an EP=2 train checkpoint and resumes from it."""
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.distributed_utils import run_script
 
 def _run(args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # An explicit free port: with --master-port=0 torchrun hands its workers MASTER_PORT=0.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={_free_port()}", "scripts/qat.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script("qat.py", args, nproc=2, timeout=timeout)
 
 
 @pytest.mark.slow

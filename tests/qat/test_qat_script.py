@@ -2,31 +2,13 @@
 resumes from its own checkpoint, and refuses to resume with another recipe."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from tests.distributed_utils import run_script
 
 def _run(args, nproc=2, timeout=500):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # An explicit free port: with --master-port=0 torchrun hands its workers MASTER_PORT=0,
-    # and init_distributed's tcp:// rendezvous then never meets.
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={_free_port()}", "scripts/qat.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script("qat.py", args, nproc=nproc, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -24,13 +24,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from tests.distributed_utils import free_port
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged")
@@ -84,12 +85,6 @@ def ensure_slurm(timeout: float = 300.0) -> str | None:
     return reason
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_line() -> str:
     """The node description from ``slurmd -C`` (first line), reachable on loopback."""
     out = _run(["slurmd", "-C"], 30).stdout.splitlines()
@@ -125,8 +120,8 @@ class SlurmCluster:
             "ClusterName=megaquant-test",
             f"SlurmctldHost={host}(127.0.0.1)",
             "SlurmUser=root",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={munge_socket}",
