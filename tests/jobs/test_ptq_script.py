@@ -78,3 +78,13 @@ def test_ptq_torchrun_dp2_matches_single_process(tmp_path):
     # Same data, split over two DP ranks: amax reduced over DP, loss averaged over tokens.
     for key in ("loss_fp", "loss_quant"):
         assert abs(s2["eval"][key] - s1["eval"][key]) < 1e-4, key
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(200)
+def test_ptq_script_refuses_pipeline_parallel_until_stages_exist(tmp_path):
+    # pp=2 used to build the whole model on both stages and run silently; now it is refused.
+    res = _run(_tiny_args(tmp_path, "fp8", "parallel.pp=2"), nproc=2)
+    assert res.returncode != 0
+    assert "parallel.pp=2: pipeline parallelism is not supported" in res.stdout + res.stderr
+    assert not (tmp_path / "out" / "checkpoint").exists()
