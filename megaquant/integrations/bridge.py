@@ -41,7 +41,7 @@ from typing import Any, Callable
 from torch import nn
 
 from megaquant.integrations.contract import check_release
-from megaquant.integrations.nemo import recipe_dict
+from megaquant.integrations.nemo import recipe_dict, unwrap
 
 Chunks = list  # list[MegatronModule]: what Bridge hands a pre-wrap hook
 BRIDGE_WRITER = "megatron-bridge"  # megaquant.json "writer" of a checkpoint Bridge saved
@@ -152,13 +152,6 @@ def _refuse_built(obj: Any) -> None:
             "megaquant.integrations.nemo.quantize_for_training")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / Float16Module wrappers (each keeps it in ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def _chunks(model: Any) -> list[nn.Module]:
     """The chunks of a pre-wrap hook's argument; wrapped or already quantized ones are refused."""
     from megaquant.nn.base import QuantModuleMixin
@@ -172,7 +165,7 @@ def _chunks(model: Any) -> list[nn.Module]:
                 f"model chunk {i} is already wrapped ({type(chunk).__name__}): the megaquant "
                 "pre-wrap hook ran after wrapping, i.e. it was attached after the model was "
                 "built; attach it before provide_distributed_model, or use the NeMo "
-                "ModelTransform adapter (megaquant.integrations.nemo_transform) for wrapped models")
+                "quantize_for_training / QuantizeTransform (megaquant.integrations.nemo) for wrapped models")
         if any(isinstance(m, QuantModuleMixin) for m in chunk.modules()):
             raise RuntimeError(
                 f"model chunk {i} is already quantized: the megaquant hook was registered twice "
