@@ -50,6 +50,11 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
+def source_root(dist: str) -> Path:
+    """The site-packages directory an installed distribution's files live under."""
+    return Path(importlib.metadata.distribution(dist).locate_file(""))
+
+
 def check_release(dist: str, version: str | None = None) -> str | None:
     """The installed (or given) version of ``dist`` if the contract covers it; None if absent.
 
@@ -109,3 +114,31 @@ def nemo_violations(entry: dict[str, Any]) -> list[str]:
 
 
 VIOLATIONS = {"megatron-bridge": bridge_violations, "nemo-toolkit": nemo_violations}
+
+
+def installed_report() -> dict[str, Any]:
+    """For ``megaquant doctor``: each installed framework's version and whether the contract holds.
+
+    The installed sources are read with ``ast`` (as the fixture was), never imported: a broken
+    TE would otherwise stop the report. ``errors`` lists what makes doctor exit non-zero.
+    """
+    from megaquant.integrations.source import read_bridge, read_nemo
+
+    readers = {"megatron-bridge": read_bridge, "nemo-toolkit": read_nemo}
+    report: dict[str, Any] = {"frameworks": {}, "errors": []}
+    for dist in DISTS:
+        version = installed_version(dist)
+        entry: dict[str, Any] = {"version": version, "contract": "%s .. %s" % recorded_range(dist)}
+        report["frameworks"][dist] = entry
+        if version is None:
+            continue
+        try:
+            check_release(dist, version)
+            root = source_root(dist)
+            entry["violations"] = VIOLATIONS[dist](readers[dist](root))
+            report["errors"] += entry["violations"]
+        except (RuntimeError, FileNotFoundError, SyntaxError) as e:
+            entry["violations"] = [str(e)]
+            report["errors"].append(str(e))
+        entry["holds"] = not entry["violations"]
+    return report
