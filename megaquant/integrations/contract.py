@@ -128,7 +128,7 @@ def installed_report() -> dict[str, Any]:
     report: dict[str, Any] = {"frameworks": {}, "errors": []}
     for dist in DISTS:
         version = installed_version(dist)
-        entry: dict[str, Any] = {"version": version, "contract": "%s .. %s" % recorded_range(dist)}
+        entry: dict[str, Any] = {"version": version, "contract": " .. ".join(recorded_range(dist))}
         report["frameworks"][dist] = entry
         if version is None:
             continue

@@ -69,7 +69,7 @@ class Tree:
         for name in sorted(names):
             parts = name.split("/")
             if len(parts) == 2 and parts[1] == "METADATA" and parts[0].lower().startswith(norm + "-"):
-                m = re.search(r"^Version:\s*(\S+)", self.text(name) or "", re.M)
+                m = re.search(r"^Version:\s*(\S+)", self.text(name) or "", re.MULTILINE)
                 return m.group(1) if m else None
         return None
 

@@ -119,8 +119,8 @@ def test_violations_name_the_release_and_the_broken_fact():
     problems = contract.bridge_violations(entry)
     assert len(problems) == 4 and all(p.startswith("0.6.2: ") for p in problems)
     nemo = dict(_releases("nemo-toolkit")["2.7.3"], has_llm_collection=False)
-    assert contract.nemo_violations(nemo) == ["2.7.3: nemo.collections.llm is absent (NeMo 2 "
-                                              "LLM collection)"]
+    want = "2.7.3: nemo.collections.llm is absent (NeMo 2 LLM collection)"
+    assert contract.nemo_violations(nemo) == [want]
 
 
 def test_reader_on_a_bridge_shaped_tree(tmp_path):

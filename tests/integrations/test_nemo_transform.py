@@ -50,8 +50,8 @@ def test_transform_quantizes_a_wrapped_nemo_model_in_place(megatron_single):
     got = {n: q.amax for n, q in iter_quantizers(inner) if q.has_amax}
     want = {n: q.amax for n, q in iter_quantizers(ref) if q.has_amax}
     assert want and got.keys() == want.keys()
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
     assert parallel[0].module.module is inner  # wrappers kept, same module converted
     with pytest.raises(RuntimeError, match="already quantized this model"):
         pl_module.model_transform(parallel)
