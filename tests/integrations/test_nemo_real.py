@@ -18,7 +18,6 @@ def test_real_model_transform_callback_quantizes_in_place(megatron_single):
     from megaquant.integrations.nemo import QuantizeTransform
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
     from megaquant.quantizer import iter_quantizers
-    from tests.integrations.bridge_doubles import DDPDouble
 
     calib = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))]
 
@@ -31,6 +30,11 @@ def test_real_model_transform_callback_quantizes_in_place(megatron_single):
         torch.manual_seed(0)
         return build_gpt_model(tiny_gpt_config(), tp_size=1)
 
+    class DDP(torch.nn.Module):  # not from tests.*: the nemo wheel ships a top-level `tests`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -40,7 +44,7 @@ def test_real_model_transform_callback_quantizes_in_place(megatron_single):
     ref = gpt()
     megaquant.quantize(ref, "nvfp4", loop)
     pl_module = Module()
-    trainer = type("Trainer", (), {"model": torch.nn.ModuleList([DDPDouble(None, pl_module)]),
+    trainer = type("Trainer", (), {"model": torch.nn.ModuleList([DDP(pl_module)]),
                                     "lightning_module": pl_module})()
     callback = model_transform.ModelTransform()
     callback.setup(trainer, pl_module, "fit")
