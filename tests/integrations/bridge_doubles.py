@@ -21,11 +21,12 @@ from torch import nn
 
 
 class Float16ModuleDouble(nn.Module):
-    """Stands for Megatron's Float16Module: keeps the chunk in ``.module``."""
+    """Stands for Megatron's Float16Module: keeps the chunk in ``.module``; with ``bf16`` it
+    casts the whole chunk as Megatron's does (``module.bfloat16()``)."""
 
-    def __init__(self, config, module: nn.Module):
+    def __init__(self, config, module: nn.Module, bf16: bool = False):
         super().__init__()
-        self.config, self.module = config, module
+        self.config, self.module = config, module.bfloat16() if bf16 else module
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -35,7 +36,8 @@ class DDPDouble(Float16ModuleDouble):
     """Stands for Megatron's DistributedDataParallel."""
 
 
-def _run_hooks(build: Callable[[], list], hook, wrap_with_ddp: bool, events: list) -> list:
+def _run_hooks(build: Callable[[], list], hook, wrap_with_ddp: bool, events: list,
+               bf16: bool = False) -> list:
     model = build()
     events.append("build")
     if hook is not None:
@@ -44,7 +46,7 @@ def _run_hooks(build: Callable[[], list], hook, wrap_with_ddp: bool, events: lis
     for chunk in model:  # Bridge sets TP attributes on every parameter here: a None fails
         for _ in chunk.parameters():
             pass
-    model = [Float16ModuleDouble(None, m) for m in model]
+    model = [Float16ModuleDouble(None, m, bf16) for m in model]
     events.append("float16_module")
     if wrap_with_ddp:
         model = [DDPDouble(None, m) for m in model]
@@ -55,8 +57,8 @@ def _run_hooks(build: Callable[[], list], hook, wrap_with_ddp: bool, events: lis
 class ProviderDouble:
     """``ModelProviderMixin``'s hook API; ``build()`` returns the list of chunks."""
 
-    def __init__(self, build: Callable[[], list]):
-        self.build = build
+    def __init__(self, build: Callable[[], list], bf16: bool = False):
+        self.build, self.bf16 = build, bf16
         self.events: list[str] = []
 
     def register_pre_wrap_hook(self, hook, prepend: bool = False) -> None:
@@ -82,7 +84,7 @@ class ProviderDouble:
     def provide_distributed_model(self, ddp_config=None, wrap_with_ddp: bool = True, **_):
         if wrap_with_ddp and not ddp_config:
             raise ValueError("ddp_config is required when wrap_with_ddp is True")
-        return _run_hooks(self.build, self.pre_wrap_hook, wrap_with_ddp, self.events)
+        return _run_hooks(self.build, self.pre_wrap_hook, wrap_with_ddp, self.events, self.bf16)
 
 
 class ModelConfigDouble:

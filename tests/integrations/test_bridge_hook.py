@@ -112,6 +112,30 @@ def test_hook_on_model_config_list_and_prepend(weights):
     assert first.recipe == _recipe("int8")
 
 
+def test_bf16_wrapping_keeps_float32_scales(weights, tmp_path):
+    """Float16Module casts the hooked chunk to bf16; calibrated and loaded amax stay float32."""
+    from megaquant.integrations.bridge import attach, write_recipe_record
+    from megaquant.integrations.nemo import unwrap
+    from megaquant.megatron.checkpoint import load_checkpoint, save_checkpoint
+
+    provider = ProviderDouble(_build, bf16=True)
+    provider.register_pre_wrap_hook(_weights_hook(weights))
+    attach(provider, "nvfp4", forward_loop=_loop)
+    model = provider.provide_distributed_model(wrap_with_ddp=False)
+    assert unwrap(model[0]).decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    want = _amax(_reference(weights, "nvfp4"))
+    assert all(v.dtype == torch.float32 for v in _amax(model[0]).values())
+    _assert_same_amax(_amax(model[0]), want)
+    ref = _reference(weights, "nvfp4")
+    save_checkpoint(ref, tmp_path / "ptq", metadata={})
+    write_recipe_record(tmp_path / "ptq", _recipe("nvfp4"))
+    again = ProviderDouble(_build, bf16=True)
+    attach(again, "nvfp4", init_from=tmp_path / "ptq")
+    restored = again.provide_distributed_model(wrap_with_ddp=False)
+    load_checkpoint(unwrap(restored[0]), tmp_path / "ptq")  # Bridge loads after wrapping
+    _assert_same_amax(_amax(restored[0]), want)
+
+
 def test_hook_returns_the_list_it_was_given(megatron_single):
     from megaquant.integrations.bridge import pre_wrap_hook
 
