@@ -6,7 +6,8 @@ copy the behaviour recorded in ``megaquant/integrations/bridge_contract.json``:
 * ``ProviderDouble``: ``register_pre_wrap_hook(hook, prepend=False)`` keeps a list; the
   ``pre_wrap_hook`` property chains it as ``model = hook(model)`` with **no None check**;
   ``provide_distributed_model`` builds the chunks, runs the hooks, then wraps each chunk in
-  Float16Module and (``wrap_with_ddp``) DDP, recording the events in that order;
+  Float16Module (Megatron's real one with ``bf16=True``) and (``wrap_with_ddp``) DDP,
+  recording the events in that order;
 * ``ModelConfigDouble``: Megatron's ``ModelConfig`` form, a plain ``pre_wrap_hooks`` list that the
   builder runs the same way.
 
@@ -21,12 +22,12 @@ from torch import nn
 
 
 class Float16ModuleDouble(nn.Module):
-    """Stands for Megatron's Float16Module: keeps the chunk in ``.module``; with ``bf16`` it
-    casts the whole chunk as Megatron's does (``module.bfloat16()``)."""
+    """Stands for Megatron's Float16Module without a dtype (Bridge wraps only under fp16/bf16;
+    with ``bf16`` the doubles use Megatron's real Float16Module, which casts the chunk)."""
 
-    def __init__(self, config, module: nn.Module, bf16: bool = False):
+    def __init__(self, config, module: nn.Module):
         super().__init__()
-        self.config, self.module = config, module.bfloat16() if bf16 else module
+        self.config, self.module = config, module
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -46,12 +47,21 @@ def _run_hooks(build: Callable[[], list], hook, wrap_with_ddp: bool, events: lis
     for chunk in model:  # Bridge sets TP attributes on every parameter here: a None fails
         for _ in chunk.parameters():
             pass
-    model = [Float16ModuleDouble(None, m, bf16) for m in model]
+    model = [_float16(m) if bf16 else Float16ModuleDouble(None, m) for m in model]
     events.append("float16_module")
     if wrap_with_ddp:
         model = [DDPDouble(None, m) for m in model]
         events.append("ddp")
     return model
+
+
+def _float16(chunk: nn.Module) -> nn.Module:
+    """Megatron's own Float16Module (``module.bfloat16()`` on the whole chunk), as Bridge uses."""
+    import dataclasses
+
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(dataclasses.replace(chunk.config, bf16=True), chunk)
 
 
 class ProviderDouble:

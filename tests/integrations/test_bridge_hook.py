@@ -113,7 +113,8 @@ def test_hook_on_model_config_list_and_prepend(weights):
 
 
 def test_bf16_wrapping_keeps_float32_scales(weights, tmp_path):
-    """Float16Module casts the hooked chunk to bf16; calibrated and loaded amax stay float32."""
+    """Megatron's Float16Module casts the hooked chunk to bf16; calibrated and loaded amax stay
+    float32 (they were rounded to bf16 before the quantizer kept them out of dtype casts)."""
     from megaquant.integrations.bridge import attach, write_recipe_record
     from megaquant.integrations.nemo import unwrap
     from megaquant.megatron.checkpoint import load_checkpoint, save_checkpoint
@@ -124,6 +125,7 @@ def test_bf16_wrapping_keeps_float32_scales(weights, tmp_path):
     model = provider.provide_distributed_model(wrap_with_ddp=False)
     assert unwrap(model[0]).decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
     want = _amax(_reference(weights, "nvfp4"))
+    assert type(model[0]).__name__ == "Float16Module"
     assert all(v.dtype == torch.float32 for v in _amax(model[0]).values())
     _assert_same_amax(_amax(model[0]), want)
     ref = _reference(weights, "nvfp4")
