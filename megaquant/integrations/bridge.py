@@ -41,7 +41,7 @@ from typing import Any, Callable
 from torch import nn
 
 from megaquant.integrations.contract import check_release
-from megaquant.integrations.nemo import recipe_dict, unwrap
+from megaquant.integrations.nemo import recipe_dict, recipe_from_config, unwrap
 
 Chunks = list  # list[MegatronModule]: what Bridge hands a pre-wrap hook
 BRIDGE_WRITER = "megatron-bridge"  # megaquant.json "writer" of a checkpoint Bridge saved
@@ -95,8 +95,9 @@ def pre_wrap_hook(recipe: Any, forward_loop: Callable[[nn.Module], None] | None 
                   init_from: str | Path | None = None, *, dp_group: Any = None) -> PreWrapHook:
     """A Bridge pre-wrap hook quantizing every chunk with ``recipe`` (see the module docstring).
 
-    ``recipe``: a built-in name, YAML path or mapping. ``forward_loop(chunk)`` calibrates (one
-    chunk only: virtual pipeline stages cannot be calibrated one by one). ``init_from``: a
+    ``recipe``: a built-in name, YAML path, mapping, or a config holding it as ``quantization``
+    (read by :func:`megaquant.integrations.nemo.recipe_from_config`). ``forward_loop(chunk)``
+    calibrates (one chunk only: virtual pipeline stages cannot be calibrated one by one). ``init_from``: a
     megaquant PTQ checkpoint, or a Bridge checkpoint saved by ``quantize_and_save``.
     ``dp_group``: the data-parallel group (or a callable returning it) for calibration.
     """
@@ -105,7 +106,11 @@ def pre_wrap_hook(recipe: Any, forward_loop: Callable[[nn.Module], None] | None 
                          "calibrated scales), not both")
     if forward_loop is not None and not callable(forward_loop):
         raise TypeError(f"forward_loop must be callable, got {type(forward_loop).__name__}")
-    return PreWrapHook(recipe=recipe_dict(recipe), forward_loop=forward_loop,
+    resolved = recipe_from_config(recipe)
+    if resolved is None:
+        raise ValueError("pre_wrap_hook: the config asks for no quantization (quantization: "
+                         "null); attach no megaquant hook to train unquantized")
+    return PreWrapHook(recipe=recipe_dict(resolved), forward_loop=forward_loop,
                        init_from=Path(init_from) if init_from is not None else None,
                        dp_group=dp_group)
 

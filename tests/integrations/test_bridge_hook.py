@@ -240,5 +240,8 @@ def test_hook_registered_twice_and_bad_arguments(megatron_single):
         pre_wrap_hook("nvfp4", _loop, init_from="x")
     with pytest.raises(ValueError, match="one chunk, got 2"):
         calibrate_chunks(_build() + _build(), _recipe("nvfp4"), _loop, None)
+    with pytest.raises(ValueError, match=r"no quantization \(quantization: null\)"):
+        pre_wrap_hook({"quantization": None})
+    assert pre_wrap_hook({"quantization": "int8"}).recipe == _recipe("int8")
     with pytest.raises(TypeError, match="list of model chunks, got GPTModel"):
         pre_wrap_hook("nvfp4")(_build()[0])
