@@ -3,7 +3,8 @@
 On each rank the hooked model (weights brought in by an earlier hook, as AutoBridge does) must
 equal ``megaquant.quantize`` run directly on the same shard with the same process groups: amax
 bit-identical, same loss. A checkpoint saved from the hooked model then loads into a second
-hooked model (``init_from``) with the same amax and loss.
+hooked model (``init_from``) with the same amax and loss, and Bridge's PTQ flow
+(``quantize_and_save``, recipe record written by rank 0) restores the same way into a QAT model.
 """
 
 import pytest
@@ -23,7 +24,8 @@ def _worker(tp, ep, full, ckpt):
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.integrations.bridge import attach
     from megaquant.integrations.nemo import recipe_dict, unwrap
-    from megaquant.megatron.checkpoint import save_checkpoint
+    from megaquant.integrations.bridge_ptq import quantize_and_save
+    from megaquant.megatron.checkpoint import load_checkpoint, save_checkpoint
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.models.gpt import build_gpt_model
     from tests.integrations.bridge_doubles import ProviderDouble
@@ -61,14 +63,26 @@ def _worker(tp, ep, full, ckpt):
     again = ProviderDouble(build)  # fresh random weights: all must come from the checkpoint
     attach(again, "fp8_per_channel", init_from=ckpt)
     restored = unwrap(again.provide_distributed_model(wrap_with_ddp=False)[0])
-    return {"ref": summary(ref), "hooked": summary(hooked), "restored": summary(restored)}
+    # Bridge's PTQ flow; megaquant's writer stands for save_megatron_model (both save the
+    # sharded_state_dict), then Bridge's own load fills the amax the hook primed.
+    ptq = ProviderDouble(build)
+    ptq.register_pre_wrap_hook(weights)
+    saved = quantize_and_save(ptq, "fp8_per_channel", loop, f"{ckpt}_bridge",
+                              dp_group=g.dp_group, save=lambda model, path: save_checkpoint(
+                                  unwrap(model[0]), path, metadata={}))
+    qat = ProviderDouble(build)
+    attach(qat, "fp8_per_channel", init_from=f"{ckpt}_bridge")
+    trained = unwrap(qat.provide_distributed_model(ddp_config=object())[0])
+    load_checkpoint(trained, f"{ckpt}_bridge")
+    return {"ref": summary(ref), "hooked": summary(hooked), "restored": summary(restored),
+            "ptq": summary(unwrap(saved[0])), "qat": summary(trained)}
 
 
 def _check(per_rank):
     for rank, res in enumerate(per_rank):
         want = res["ref"]
         assert want["amax"]
-        for case in ("hooked", "restored"):
+        for case in ("hooked", "restored", "ptq", "qat"):
             got = res[case]
             assert got["amax"].keys() == want["amax"].keys(), (rank, case)
             for k, v in want["amax"].items():
