@@ -30,7 +30,7 @@ from megaquant.integrations.contract import FIXTURE, VIOLATIONS, release
 from megaquant.integrations.source import read_bridge, read_nemo
 
 BRIDGE = ["0.3.0", "0.3.1", "0.4.0", "0.4.1", "0.4.2", "0.5.0", "0.5.1", "0.6.0", "0.6.2"]
-NEMO = ["2.0.0", "2.1.0", "2.2.1", "2.3.3", "2.4.1", "2.5.3", "2.6.2", "2.7.3"]  # last of each minor
+NEMO = ["2.0.0", "2.1.0", "2.2.1", "2.3.3", "2.4.1", "2.5.3", "2.6.2", "2.7.3"]  # newest per minor
 WHEEL = {"megatron-bridge": "megatron_bridge-{v}-py3-none-any.whl",
          "nemo-toolkit": "nemo_toolkit-{v}-py3-none-any.whl"}
 READ = {"megatron-bridge": read_bridge, "nemo-toolkit": read_nemo}

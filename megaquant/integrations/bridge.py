@@ -78,7 +78,7 @@ class PreWrapHook:
         return self.dp_group() if callable(self.dp_group) else self.dp_group
 
     def check_applied(self, model: Chunks) -> None:
-        """Raise unless this hook quantized ``model`` (it was attached after the model was built)."""
+        """Raise unless this hook quantized ``model`` (else it was attached after the build)."""
         from megaquant.nn.base import QuantModuleMixin
 
         chunks = [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
@@ -97,8 +97,9 @@ def pre_wrap_hook(recipe: Any, forward_loop: Callable[[nn.Module], None] | None 
 
     ``recipe``: a built-in name, YAML path, mapping, or a config holding it as ``quantization``
     (read by :func:`megaquant.integrations.nemo.recipe_from_config`). ``forward_loop(chunk)``
-    calibrates (one chunk only: virtual pipeline stages cannot be calibrated one by one). ``init_from``: a
-    megaquant PTQ checkpoint, or a Bridge checkpoint saved by ``quantize_and_save``.
+    calibrates (one chunk only: virtual pipeline stages cannot be calibrated one by one).
+    ``init_from``: a megaquant PTQ checkpoint, or a Bridge checkpoint saved by
+    ``quantize_and_save``.
     ``dp_group``: the data-parallel group (or a callable returning it) for calibration.
     """
     if forward_loop is not None and init_from is not None:
@@ -170,7 +171,8 @@ def _chunks(model: Any) -> list[nn.Module]:
                 f"model chunk {i} is already wrapped ({type(chunk).__name__}): the megaquant "
                 "pre-wrap hook ran after wrapping, i.e. it was attached after the model was "
                 "built; attach it before provide_distributed_model, or use the NeMo "
-                "quantize_for_training / QuantizeTransform (megaquant.integrations.nemo) for wrapped models")
+                "quantize_for_training / QuantizeTransform (megaquant.integrations.nemo) for "
+                "wrapped models")
         if any(isinstance(m, QuantModuleMixin) for m in chunk.modules()):
             raise RuntimeError(
                 f"model chunk {i} is already quantized: the megaquant hook was registered twice "

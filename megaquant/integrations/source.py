@@ -1,4 +1,4 @@
-"""Read the Megatron-Bridge / NeMo extension points megaquant relies on, with ``ast``, never imported.
+"""Read the Megatron-Bridge / NeMo extension points megaquant relies on with ``ast`` (no import).
 
 A release is read from a wheel (``pip download --no-deps --only-binary :all: --python-version
 3.12 megatron-bridge==X``), an unzipped tree or an installed package directory, so every release
@@ -68,7 +68,8 @@ class Tree:
             f"{d.name}/METADATA" for d in self.root.glob("*.dist-info")}
         for name in sorted(names):
             parts = name.split("/")
-            if len(parts) == 2 and parts[1] == "METADATA" and parts[0].lower().startswith(norm + "-"):
+            if (len(parts) == 2 and parts[1] == "METADATA"
+                    and parts[0].lower().startswith(norm + "-")):
                 m = re.search(r"^Version:\s*(\S+)", self.text(name) or "", re.MULTILINE)
                 return m.group(1) if m else None
         return None
@@ -176,22 +177,26 @@ def read_bridge(root: str | Path) -> dict[str, Any]:
                                 "megatron-bridge wheel or tree")
     mixin = "ModelProviderMixin"
     to_provider = _find(auto, "to_megatron_provider", "AutoBridge")
+    save = t.module(BRIDGE + "training/model_load_save.py")
+    pretrain = t.module(BRIDGE + "training/pretrain.py")
+    functions = {  # signature key -> (module, function, class)
+        f"{mixin}.register_pre_wrap_hook": (provider, "register_pre_wrap_hook", mixin),
+        f"{mixin}.register_post_wrap_hook": (provider, "register_post_wrap_hook", mixin),
+        f"{mixin}.provide_distributed_model": (provider, "provide_distributed_model", mixin),
+        "get_model": (provider, "get_model", None),
+        "AutoBridge.to_megatron_provider": (auto, "to_megatron_provider", "AutoBridge"),
+        "AutoBridge.export_hf_weights_quant": (auto, "export_hf_weights_quant", "AutoBridge"),
+        "save_megatron_model": (save, "save_megatron_model", None),
+        "pretrain": (pretrain, "pretrain", None),
+    }
+    register = _find(setup_mod, "_register_pre_wrap_hook")
     return {
         "version": t.version("megatron_bridge"),
-        "signatures": {
-            "ModelProviderMixin.register_pre_wrap_hook": _sig(_find(provider, "register_pre_wrap_hook", mixin)),
-            "ModelProviderMixin.register_post_wrap_hook": _sig(_find(provider, "register_post_wrap_hook", mixin)),
-            "ModelProviderMixin.provide_distributed_model": _sig(_find(provider, "provide_distributed_model", mixin)),
-            "get_model": _sig(_find(provider, "get_model")),
-            "AutoBridge.to_megatron_provider": _sig(to_provider),
-            "AutoBridge.export_hf_weights_quant": _sig(_find(auto, "export_hf_weights_quant", "AutoBridge")),
-            "save_megatron_model": _sig(_find(t.module(BRIDGE + "training/model_load_save.py"), "save_megatron_model")),
-            "pretrain": _sig(_find(t.module(BRIDGE + "training/pretrain.py"), "pretrain")),
-        },
+        "signatures": {key: _sig(_find(*where)) for key, where in functions.items()},
         "get_model_order": event_order(_find(provider, "get_model"), GET_MODEL_EVENTS),
         "setup_order": event_order(_find(setup_mod, "setup"), SETUP_EVENTS),
         "provider_chain_checks_none": _chain_checks_none(_find(provider, "pre_wrap_hook", mixin)),
-        "setup_registers_on_hook_list": _appends_to(_find(setup_mod, "_register_pre_wrap_hook"), "pre_wrap_hooks"),
+        "setup_registers_on_hook_list": _appends_to(register, "pre_wrap_hooks"),
         "hf_weights_loaded_by_pre_wrap_hook": _calls_in(to_provider, "register_pre_wrap_hook"),
     }
 
@@ -204,8 +209,10 @@ def read_nemo(root: str | Path) -> dict[str, Any]:
     apply = _find(mt, "apply_transform", cls)
     methods = None
     if mt is not None:
-        node = next((n for n in ast.walk(mt) if isinstance(n, ast.ClassDef) and n.name == cls), None)
-        methods = sorted(n.name for n in node.body if isinstance(n, ast.FunctionDef)) if node else None
+        node = next((n for n in ast.walk(mt) if isinstance(n, ast.ClassDef) and n.name == cls),
+                    None)
+        if node is not None:
+            methods = sorted(n.name for n in node.body if isinstance(n, ast.FunctionDef))
     return {
         "version": t.version("nemo_toolkit"),
         "has_llm_collection": t.exists("nemo/collections/llm/__init__.py"),

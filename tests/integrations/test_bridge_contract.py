@@ -1,4 +1,4 @@
-"""The Megatron-Bridge / NeMo contract: the committed fixture, the ast reader, version checks, doctor.
+"""The Megatron-Bridge / NeMo contract: the fixture, the ast reader, version checks, doctor.
 
 The fixture was read from the released wheels by ``scripts/bridge_contract.py``. Here: every
 recorded release gives megaquant what its hook relies on; the reader, on a small synthetic
@@ -65,7 +65,8 @@ AUTO = '''
 class AutoBridge:
     def to_megatron_provider(self, load_weights=True, hf_path=None):
         provider.register_pre_wrap_hook(load)
-    def export_hf_weights_quant(self, model, quantization_checker, quant_fn, quant_block_size=None, cpu=False):
+    def export_hf_weights_quant(self, model, quantization_checker, quant_fn,
+                                quant_block_size=None, cpu=False):
         pass
 '''
 SAVE = "def save_megatron_model(model, path, ckpt_format='torch_dist'):\n    pass\n"
@@ -219,3 +220,52 @@ def test_doctor_reports_the_installed_bridge(monkeypatch, tmp_path, capsys):
                         else None)
     assert doctor.main([]) == 1
     assert "megatron-bridge 0.9.0 is outside" in capsys.readouterr().out
+
+
+NEMO_TRANSFORM = '''
+class ModelTransform:
+    def setup(self, trainer, pl_module, stage):
+        self.model_transform = pl_module.model_transform
+
+    def apply_transform(self, trainer):
+        self.model_transform(trainer.model)
+'''
+
+
+def _wheel(tree: Path, out: Path) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(out, "w") as z:
+        for p in tree.rglob("*"):
+            if p.is_file():
+                z.write(p, p.relative_to(tree).as_posix())
+    return out
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_contract_script_writes_the_fixture_and_flags_a_broken_release(tmp_path, capsys, late):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "bridge_contract", Path(__file__).resolve().parents[2] / "scripts" / "bridge_contract.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(_tree(tmp_path / "bridge", late=late), wheels / "megatron_bridge-0.5.0-py3-none-any.whl")
+    nemo = tmp_path / "nemo"
+    for rel, text in {"nemo/lightning/pytorch/callbacks/model_transform.py": NEMO_TRANSFORM,
+                      "nemo/collections/llm/__init__.py": "",
+                      "nemo_toolkit-2.7.3.dist-info/METADATA": "Version: 2.7.3\n"}.items():
+        (nemo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (nemo / rel).write_text(text)
+    _wheel(nemo, wheels / "nemo_toolkit-2.7.3-py3-none-any.whl")
+    out = tmp_path / "contract.json"
+    rc = script.main(["--wheels", str(wheels), "--bridge", "0.5.0", "--nemo", "2.7.3",
+                      "--out", str(out)])
+    fixture = json.loads(out.read_text())
+    assert fixture["nemo-toolkit"]["releases"]["2.7.3"]["apply_transform_calls_model_transform"]
+    assert fixture["megatron-bridge"]["releases"]["0.5.0"]["setup_order"][0] == "register_hooks"
+    assert rc == (1 if late else 0)
+    assert ("CONTRACT BROKEN: 0.5.0: get_model" in capsys.readouterr().out) == late

@@ -23,8 +23,8 @@ def _worker(tp, ep, full, ckpt):
     import megaquant
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.integrations.bridge import attach
-    from megaquant.integrations.nemo import recipe_dict, unwrap
     from megaquant.integrations.bridge_ptq import quantize_and_save
+    from megaquant.integrations.nemo import recipe_dict, unwrap
     from megaquant.megatron.checkpoint import load_checkpoint, save_checkpoint
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.models.gpt import build_gpt_model
