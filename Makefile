@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NPROC ?= 2
 RECIPE ?= nvfp4
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean test-nemo
 
 setup: $(STAMP)
 
@@ -31,3 +31,11 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) outputs
+
+# NeMo 2's real ModelTransform callback (tests/integrations/test_nemo_real.py) in a separate venv
+# that shares .venv's torch and megatron-core; a few minutes of PyPI installs, so not part of CI.
+test-nemo: setup
+	test -x .venv-nemo/bin/python || $(PY) -m venv .venv-nemo
+	echo "$$(cd $(VENV) && pwd)/lib/python$$($(BIN)/python -c 'import sys;print("%d.%d"%sys.version_info[:2])')/site-packages" > "$$(ls -d .venv-nemo/lib/python3*/site-packages)/megaquant_venv.pth"
+	.venv-nemo/bin/pip install -q "nemo-toolkit[lightning]==2.7.3"
+	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) .venv-nemo/bin/python -m pytest -q -p no:cacheprovider tests/integrations/test_nemo_real.py

@@ -95,7 +95,28 @@ def collect(te_src: str | None, require_te: bool) -> dict[str, Any]:
             report["errors"].append(str(e))
         except Exception as e:  # noqa: BLE001 - a broken TE import is the diagnosis itself
             report["errors"].append(f"{kind} TE check failed: {type(e).__name__}: {e}")
+    add_integrations(report)
     return report
+
+
+def add_integrations(report: dict[str, Any]) -> None:
+    """Megatron-Bridge / NeMo: installed versions and whether megaquant's hook contract holds."""
+    from megaquant.integrations.contract import installed_report  # noqa: PLC0415
+
+    integ = installed_report()
+    report["integrations"] = integ["frameworks"]
+    report["errors"] += integ["errors"]
+
+
+def format_integrations(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for dist, info in report.get("integrations", {}).items():
+        if info["version"] is None:
+            state = "absent"
+        else:
+            state = f"{info['version']}, contract {'holds' if info.get('holds') else 'BROKEN'}"
+        lines.append(f"{dist}: {state} (recorded {info['contract']})")
+    return lines
 
 
 def format_text(report: dict[str, Any]) -> str:
@@ -111,6 +132,7 @@ def format_text(report: dict[str, Any]) -> str:
             extra = ", ".join(f"{k}@{v}" for k, v in info["optional"].items())
             var = f", *args@{info['varargs_start']}" if info["varargs_start"] is not None else ""
             lines.append(f"  {fn}.forward: {ops}{var}" + (f" (also {extra})" if extra else ""))
+    lines += format_integrations(report)
     for err in report["errors"]:
         lines.append(f"ERROR: {err}")
     return "\n".join(lines)

@@ -121,6 +121,16 @@ class TensorQuantizer(nn.Module):
         self.mode, self.calibrator = "static", None
 
     # ----------------------------------------------------------------- state
+    def _apply(self, fn, recurse=True):
+        # The amax stays float32 under dtype casts: Megatron's Float16Module calls
+        # ``module.bfloat16()`` on the whole model (Bridge wraps after the pre-wrap hook
+        # converted it), which would round calibrated scales to 8 mantissa bits. Devices move.
+        before = self.amax
+        out = super()._apply(fn, recurse)
+        if self.amax.dtype != before.dtype:
+            self.amax = before.to(device=self.amax.device)
+        return out
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):

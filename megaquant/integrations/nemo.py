@@ -17,6 +17,19 @@ unquantized); pass either that node or the whole model config.
 
 Only linears whose class megaquant knows are converted (Megatron's local Column/RowParallel
 linears, TE's linears where TE is installed); the report names what was skipped.
+
+NeMo 2's generic user hook is the ``ModelTransform`` Lightning callback: at the first train (or
+validation) epoch it calls ``pl_module.model_transform(trainer.model)`` on the already wrapped
+model, after the checkpoint was restored and the optimizer built. :class:`QuantizeTransform` is
+such a ``model_transform``: it unwraps the chunks, converts them in place (no parameter is added,
+so the optimizer built before still holds every parameter) and returns the model::
+
+    model.model_transform = QuantizeTransform(cfg.model, forward_loop=calib_loop)
+    trainer = nl.Trainer(..., callbacks=[nl_callbacks.ModelTransform()])
+
+``nemo.collections.llm`` ships in nemo-toolkit up to 2.7.x only; the transform refuses an
+installed release outside the recorded contract (:mod:`.contract`). For Megatron-Bridge use
+:mod:`.bridge`, which quantizes before wrapping, the optimizer and the checkpoint load.
 """
 
 from __future__ import annotations
@@ -63,6 +76,49 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
+
+
+def model_chunks(model: "nn.Module | list") -> list[nn.Module]:
+    """The Megatron model chunks inside ``model``, unwrapped.
+
+    Follows ``.module`` (DDP, Float16Module, a NeMo LightningModule) and descends into lists and
+    ``nn.ModuleList``s (NeMo's ``MegatronParallel`` is one, a chunk per virtual pipeline stage).
+    """
+    if isinstance(model, (list, tuple, nn.ModuleList)):
+        return [c for m in model for c in model_chunks(m)]
+    inner = unwrap(model)
+    return model_chunks(inner) if isinstance(inner, nn.ModuleList) else [inner]
+
+
+@dataclasses.dataclass
+class QuantizeTransform:
+    """A NeMo 2 ``model_transform`` (see the module docstring): quantize, return the model.
+
+    ``cfg``, ``forward_loop``, ``init_from`` as for :func:`quantize_for_training`; ``dp_group``
+    may be a zero-argument callable, resolved when the transform runs. ``check_version``:
+    refuse an installed nemo-toolkit outside the contract (3.0 has no LLM collection).
+    """
+
+    cfg: Any
+    forward_loop: Callable[[nn.Module], None] | None = None
+    init_from: str | Path | None = None
+    dp_group: Any = None
+    check_version: bool = True
+    calls: int = 0
+
+    def __call__(self, model):
+        from megaquant.integrations.contract import check_release
+
+        if self.check_version:
+            check_release("nemo-toolkit")
+        if self.calls:
+            raise RuntimeError("QuantizeTransform already quantized this model; NeMo's "
+                               "ModelTransform calls model_transform once: do not call it again")
+        group = self.dp_group() if callable(self.dp_group) else self.dp_group
+        quantize_for_training(model_chunks(model), self.cfg, self.forward_loop, dp_group=group,
+                              init_from=self.init_from)
+        self.calls += 1
+        return model
 
 
 def quantize_for_training(model: "nn.Module | list[nn.Module]", cfg: Any,
