@@ -81,8 +81,11 @@ def _check_tp1(name: str, layer) -> None:
                          "model built at TP=1; export_checkpoint loads any saved TP layout at TP=1")
 
 
-def _activation_scale(iq) -> Tensor:
-    """The decode scale the input quantizer uses (FP8: amax/448; NVFP4: the global scale g)."""
+def _activation_scale(iq) -> Tensor | None:
+    """The decode scale the input quantizer uses (FP8: amax/448; INT8: amax/127; NVFP4: the
+    global scale g); None for formats whose activation scales come from each block (MX)."""
+    if not iq.is_enabled or not iq.fmt.needs_amax:
+        return None
     probe = iq.fmt.quantize(torch.zeros(1, 16), iq.amax)
     return probe.global_scale if probe.global_scale is not None else probe.scale
 
@@ -102,10 +105,13 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     wq, iq = layer.weight_quantizer, layer.input_quantizer
     weights = split_rows(layer.weight.detach(), split, arch)
     amaxes = split_rows(wq.amax, split, arch) if wq.fmt.needs_amax else (None,) * len(weights)
-    in_scale = _activation_scale(iq) if iq.is_enabled else None
+    in_scale = _activation_scale(iq)
     block = getattr(wq.fmt, "block_size", None)
-    out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block)
+    in_fmt = iq.fmt if iq.is_enabled else None
+    out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block, in_fmt)
            for n, w, a in zip(hf_names, weights, amaxes)]
+    for q in out:
+        _check_no_nan_marker(q)
     # The claim we write: these codes decode to what the model multiplied with. A quantizer
     # whose state fmt.quantize does not capture (say, a future per-block clipping) is refused.
     ran = split_rows(wq(layer.weight.detach()), split, arch)
@@ -115,6 +121,18 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
             raise RuntimeError(f"{q.name}: the exported codes do not decode to the weight the "
                                f"model computes with ({wq}); refusing to write them")
     return out
+
+
+def _check_no_nan_marker(q: L.QuantLinear) -> None:
+    """Integer codes mark NaN/inf inputs with the unused code -(qmax + 1); no layout can carry it
+    (ModelOpt's two's-complement INT4 would read -8, INT8 readers -128 as numbers)."""
+    if q.weight.codes.dtype != torch.int8:
+        return
+    qmax = 127 if q.weight.format_name == "int8" else 7
+    bad = (q.weight.codes == -(qmax + 1)).nonzero()
+    if len(bad):
+        raise ValueError(f"{q.name}.weight has {len(bad)} non-finite value(s) (first at index "
+                         f"{bad[0].tolist()}): fix the checkpoint's weights before exporting")
 
 
 def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], list[str]]:
@@ -240,8 +258,7 @@ def _resolve_layouts(layouts, scheme: str) -> tuple[list[str], dict]:
     for lay in asked:
         L.supports(lay, scheme)  # ValueError for an unknown layout name
     chosen = [lay for lay in asked if L.supports(lay, scheme)]
-    skipped = {lay: f"{lay} has no layout for scheme {scheme}" for lay in L.LAYOUTS
-               if lay not in chosen}
+    skipped = {lay: L.why_not(lay, scheme) for lay in L.LAYOUTS if lay not in chosen}
     if not chosen or (layouts not in ("auto", None) and len(chosen) < len(asked)):
         raise ValueError(f"scheme {scheme} cannot be written as {asked}: {skipped}; layouts that "
                          f"can: {[lay for lay in L.LAYOUTS if L.supports(lay, scheme)]}")
@@ -284,6 +301,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
                           skipped_layouts=skipped, tokenizer=tokenizer is not None)
     block = quantized[0].block_size
+    input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for layout in chosen:
             d = tmp / layout
@@ -298,10 +316,12 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                                                                   block_size=block)
             write_json(d / "config.json", config)
             if layout == "modelopt":
-                write_json(d / "hf_quant_config.json", L.hf_quant_config(scheme, excluded))
+                write_json(d / "hf_quant_config.json",
+                           L.hf_quant_config(scheme, excluded, block_size=block))
             if tokenizer is not None:
                 _save_tokenizer(tokenizer, d)
-            report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params)}
+            report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params),
+                                      "notes": L.activation_notes(layout, scheme, input_rules)}
         write_json(tmp / "export_report.json", report.to_dict())
     return report
 
