@@ -16,9 +16,13 @@ import torch
 from tests.export import reference_reader as R
 from tests.export.export_helpers import batches, fake_quant_hf_state, quantized_tiny
 
-RECIPES = ["nvfp4", "nvfp4_w4a16", "fp8", "fp8_per_channel", "int4_w4a16"]
-MODELOPT = {"nvfp4": "NVFP4", "fp8": "FP8"}  # the recipes ModelOpt has a layout for
-ACT_SCALE_MAX = {"nvfp4": 6.0 * 448.0, "fp8": 448.0, "fp8_per_channel": 448.0}
+RECIPES = ["nvfp4", "nvfp4_w4a16", "fp8", "fp8_per_channel", "int8_sq", "mxfp8", "mxfp4",
+           "int4_w4a16"]
+# the recipes ModelOpt has a layout for, and its quant_algo
+MODELOPT = {"nvfp4": "NVFP4", "nvfp4_w4a16": "W4A16_NVFP4", "fp8": "FP8",
+            "int8_sq": "W8A8_SQ_PER_CHANNEL", "mxfp8": "MXFP8", "mxfp4": "mxfp4",
+            "int4_w4a16": "W4A16_AWQ"}
+ACT_SCALE_MAX = {"nvfp4": 6.0 * 448.0, "fp8": 448.0, "fp8_per_channel": 448.0, "int8_sq": 127.0}
 HF_TO_MEGATRON = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
                   "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
                   "gate_proj": "mlp.linear_fc1", "up_proj": "mlp.linear_fc1",
@@ -111,7 +115,7 @@ def _rebuild(recipe, e, layout, megatron_single):
         layer = modules[f"decoder.layers.{n}.{HF_TO_MEGATRON[kind]}"]
         layer.weight_quantizer.configure(None, "off")  # the weights are already dequantized
         if recipe in ACT_SCALE_MAX:
-            key = "input_scale" if layout == "modelopt" or recipe.startswith("fp8") else "input_global_scale"
+            key = "input_scale" if layout == "modelopt" or recipe != "nvfp4" else "input_global_scale"
             s = sd[f"{m}.{key}"].float()
             s = 1.0 / s if key == "input_global_scale" else s
             layer.input_quantizer.load_amax((s * ACT_SCALE_MAX[recipe]).reshape(()))
@@ -142,14 +146,19 @@ def test_export_report_bits_per_parameter(exports, recipe):
         assert info["bytes"] == nbytes
         assert info["bits_per_param"] == pytest.approx(8 * nbytes / params, rel=1e-12)
         # from the format definitions: NVFP4 = 4-bit codes + an E4M3 scale per 16 + two fp32
-        # scalars (weight and input global scale); INT4 = 32-bit words of eight codes + an fp32
-        # scale per 128 (a ragged tail block counts whole) + the int64 [2] weight_shape
+        # scalars (weight and input global scale); INT4 = 32-bit words of eight codes (c-t) or
+        # bytes of two rows (ModelOpt) + an fp32 scale per 128, + the int64 [2] weight_shape
+        # (c-t) or an fp32 pre_quant_scale per input channel (ModelOpt)
         bits = params_q = 0
         for m in _quantized_modules(e["ref"]):
             out, k = e["ref"][f"{m}.weight"].shape
             params_q += out * k
-            bits += (out * k * 4 + out * -(-k // 16) * 8 + 2 * 32 if recipe == "nvfp4" else
-                     out * -(-k // 8) * 32 + out * -(-k // 128) * 32 + 2 * 64)
+            if recipe == "nvfp4":
+                bits += out * k * 4 + out * -(-k // 16) * 8 + 2 * 32
+            elif layout == "compressed-tensors":
+                bits += out * -(-k // 8) * 32 + out * -(-k // 128) * 32 + 2 * 64
+            else:
+                bits += out * k * 4 + out * -(-k // 128) * 32 + k * 32
         assert info["quantized_bits_per_param"] == pytest.approx(bits / params_q, rel=1e-12)
     saved = json.loads((e["dir"] / "export_report.json").read_text())
     assert saved["scheme"] == recipe and saved["layouts"].keys() == e["report"].layouts.keys()
