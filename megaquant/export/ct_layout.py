@@ -24,6 +24,10 @@ int4_w4a16        pack-quantized          ``weight_packed`` int32 [out, in/8] (c
                                           element in the low bits), ``weight_scale`` float32
                                           [out, in/g], ``weight_shape`` int64 [2]
 ================  ======================  ========================================================
+
+The library (and transformers through it) decompresses NVFP4 and MX weights to bfloat16, so
+those schemes are written only with ``dtype=bfloat16`` (:data:`NEEDS_DTYPE`); FP8, INT8 and INT4
+decompress to their float32 scales' dtype, and transformers casts them to the model dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ FORMAT = {"nvfp4": "nvfp4-pack-quantized", "nvfp4_w4a16": "nvfp4-pack-quantized"
           "int8": "int-quantized", "mxfp8": "mxfp8-quantized", "mxfp4": "mxfp4-pack-quantized",
           "int4_w4a16": "pack-quantized"}
 REFUSED: dict[str, str] = {}
+# compressed-tensors decompresses these to bfloat16 whatever config.json says (its
+# unpack_fp4_from_uint8 and E8M0 scales are bfloat16): transformers then multiplies bfloat16
+# weights with float32/float16 activations and fails, so the layout needs a bfloat16 model
+NEEDS_DTYPE = {s: torch.bfloat16 for s in ("nvfp4", "nvfp4_w4a16", "mxfp8", "mxfp4")}
 DTYPES = {
     "nvfp4": {"weight_packed": U8, "weight_scale": E4M3, "weight_global_scale": F32,
               "input_global_scale": F32},

@@ -59,13 +59,21 @@ def _module(layout: str):
     return _MODULES[layout]
 
 
-def supports(layout: str, scheme: str) -> bool:
-    return scheme in _module(layout).DTYPES
+def supports(layout: str, scheme: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``layout`` writes ``scheme`` (with unquantized tensors in ``dtype``, if given)."""
+    mod = _module(layout)
+    need = mod.NEEDS_DTYPE.get(scheme)
+    return scheme in mod.DTYPES and (dtype is None or need is None or dtype == need)
 
 
-def why_not(layout: str, scheme: str) -> str:
+def why_not(layout: str, scheme: str, dtype: torch.dtype | None = None) -> str:
     """The reason ``layout`` does not write ``scheme`` (for reports and errors)."""
-    reason = _module(layout).REFUSED.get(scheme, "no such scheme in this layout")
+    mod = _module(layout)
+    if scheme in mod.DTYPES:
+        need = str(mod.NEEDS_DTYPE[scheme]).replace("torch.", "")
+        return (f"{layout} writes {scheme} only with dtype={need}: its readers decompress these "
+                f"weights to {need} whatever config.json says; export with dtype={need}")
+    reason = mod.REFUSED.get(scheme, "no such scheme in this layout")
     return f"{layout} has no layout for scheme {scheme}: {reason}"
 
 

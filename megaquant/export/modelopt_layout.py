@@ -58,6 +58,7 @@ DTYPES = {
     "mxfp4": {"weight": U8, "weight_scale": U8},
     "int4_w4a16": {"weight": U8, "weight_scale": F32, "pre_quant_scale": F32},
 }
+NEEDS_DTYPE: dict[str, torch.dtype] = {}
 # the rule ModelOpt and TensorRT-LLM use for run-time MX block scales: e = ceil(log2(amax/max))
 MX_ACTIVATION_RULE = "round_up"
 

@@ -28,7 +28,7 @@ def test_compressed_tensors_library_decompresses_our_export(recipe, megatron_sin
     from megaquant.export import export_model
 
     model, cfg = quantized_tiny(recipe, megatron_single.dp_group)
-    export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"])
+    export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"], dtype="bfloat16")
     ref = fake_quant_hf_state(model, cfg)
     d = tmp_path / "x" / "compressed-tensors"
     qc = QuantizationConfig.model_validate(json.loads((d / "config.json").read_text())["quantization_config"])

@@ -185,7 +185,7 @@ def test_export_tied_embeddings_stay_tied_and_tokenizer_is_written(megatron_sing
     vocab = {chr(i): i for i in range(32, 127)}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model, cfg = quantized_tiny("nvfp4", megatron_single.dp_group, tie_embeddings=True)
+    model, cfg = quantized_tiny("fp8", megatron_single.dp_group, tie_embeddings=True)
     export_model(model, cfg, tmp_path / "x", tokenizer=Tokenizer(tok, bos_id=33, eos_id=34))
     for layout in ("modelopt", "compressed-tensors"):
         d = tmp_path / "x" / layout

@@ -6,6 +6,8 @@ scale are exact). compressed-tensors NVFP4 stores the *reciprocal* global scale 
 value / (1/g): two float32 roundings instead of one, so those are compared with rtol 2^-22
 (about 2 ulp) after checking bit-exactly that codes, block scales and 1/g are what was claimed.
 The loss of a model rebuilt from the exported tensors equals the fake-quant model's exactly.
+Exports are written with ``dtype=bfloat16`` (compressed-tensors NVFP4/MX need it) from a model
+whose parameters were made bfloat16-representable, so the unquantized tensors are lossless too.
 """
 
 import json
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 from tests.export import reference_reader as R
-from tests.export.export_helpers import batches, fake_quant_hf_state, quantized_tiny
+from tests.export.export_helpers import (batches, fake_quant_hf_state, quantized_tiny,
+                                         round_params_to_bf16)
 
 RECIPES = ["nvfp4", "nvfp4_w4a16", "fp8", "fp8_per_channel", "int8_sq", "mxfp8", "mxfp4",
            "int4_w4a16"]
@@ -37,8 +40,9 @@ def exports(megatron_single, tmp_path_factory):
     out = {}
     for recipe in RECIPES:
         model, cfg = quantized_tiny(recipe, megatron_single.dp_group)
+        round_params_to_bf16(model)
         d = tmp_path_factory.mktemp(recipe) / "export"
-        report = export_model(model, cfg, d, max_shard_bytes=60_000)  # several shards
+        report = export_model(model, cfg, d, max_shard_bytes=60_000, dtype="bfloat16")  # several shards
         out[recipe] = {"dir": d, "report": report, "cfg": cfg, "ref": fake_quant_hf_state(model, cfg),
                        "loss": evaluate_loss(model, batches(2, 2), megatron_single.dp_group)}
     return out
@@ -77,10 +81,11 @@ def test_export_dequantizes_to_the_fake_quantized_weights(exports, recipe):
                 torch.testing.assert_close(w, want, rtol=2**-22, atol=0, msg=m)
             else:
                 assert torch.equal(w, want), (layout, m)
-        # everything else is the source tensor, in the source precision
+        # everything else is the source tensor, in the export dtype, which config.json states
+        assert config["torch_dtype"] == config["dtype"] == "bfloat16" == e["report"].dtype
         for k, t in e["ref"].items():
             if k[:-len(".weight")] not in got:
-                assert sd[k].dtype == torch.float32 and torch.equal(sd[k], t), k
+                assert sd[k].dtype == torch.bfloat16 and torch.equal(sd[k].float(), t), k
         assert "lm_head.weight" in sd  # the tiny model is untied; lm_head is excluded
 
 
