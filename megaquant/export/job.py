@@ -27,7 +27,7 @@ class ExportConfig:
     overwrite: bool = False
     max_shard_bytes: int = 5 * 1024**3
     tokenizer: str = "auto"
-    dtype: str = "auto"  # unquantized tensors: auto (the source's training dtype) | bfloat16 | float16 | float32
+    dtype: str = "auto"  # unquantized tensors: auto (source training dtype) | bfloat16 | float16 | float32
     timeout_s: float = 600.0
 
     @classmethod

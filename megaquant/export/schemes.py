@@ -1,30 +1,33 @@
 """What a quantized layer's quantizers amount to, as one of the schemes the exporter writes.
 
 A scheme is decided from the *typed* formats and modes of a layer's quantizers, never guessed
-from tensor values. Exported schemes (weight / input activation) and the built-in recipes that
-produce them:
+from tensor values. Exported schemes (weight / input activation):
 
-================  ==========================================  ==================================  =================================
-scheme            weight                                      input activation                    recipes
-================  ==========================================  ==================================  =================================
-nvfp4             NVFP4, blocks of 16, calibrated global      NVFP4 blocks of 16, static global   nvfp4, nvfp4_mse, nvfp4_gptq, nvfp4_sq
-nvfp4_w4a16       NVFP4, blocks of 16, calibrated global      source precision                    nvfp4_w4a16
-fp8               FP8 E4M3, per tensor                        FP8 E4M3 static, per tensor         fp8
-fp8_per_channel   FP8 E4M3, per output channel (axis 0)       FP8 E4M3 static, per tensor         fp8_per_channel
-int8              INT8, per output channel (axis 0)           INT8 static, per tensor             int8, int8_sq
-mxfp8             MXFP8, E8M0 scale per 32                    MXFP8, per block of 32 at run time  mxfp8
-mxfp4             MXFP4, E8M0 scale per 32                    MXFP4, per block of 32 at run time  mxfp4, mxfp4_sq
-int4_w4a16        INT4 symmetric, blocks of 128 (or any)      source precision                    int4_w4a16, int4_awq
-================  ==========================================  ==================================  =================================
+===============  ======================================  ==================================
+scheme           weight                                  input activation
+===============  ======================================  ==================================
+nvfp4            NVFP4, blocks of 16, calibrated global  NVFP4 blocks of 16, static global
+nvfp4_w4a16      NVFP4, blocks of 16, calibrated global  source precision
+fp8              FP8 E4M3, per tensor                    FP8 E4M3 static, per tensor
+fp8_per_channel  FP8 E4M3, per output channel (axis 0)   FP8 E4M3 static, per tensor
+int8             INT8, per output channel (axis 0)       INT8 static, per tensor
+mxfp8            MXFP8, E8M0 scale per 32                MXFP8, per block of 32 at run time
+mxfp4            MXFP4, E8M0 scale per 32                MXFP4, per block of 32 at run time
+int4_w4a16       INT4 symmetric, blocks of 128 (or any)  source precision
+===============  ======================================  ==================================
+
+Built-in recipes: nvfp4, nvfp4_mse, nvfp4_gptq, nvfp4_sq -> nvfp4; int8, int8_sq -> int8;
+mxfp4, mxfp4_sq -> mxfp4; int4_w4a16, int4_awq -> int4_w4a16; the others by their name.
 
 SmoothQuant and AWQ scales are folded into the weights and the preceding norms/linears by
 megaquant's calibration (``megaquant.calib.fold``), so their exports are plain ``int8`` /
 ``int4_w4a16`` weights: nothing is left to apply at run time.
 
 MX activations have no calibrated scale: the serving engine computes each block's E8M0 scale from
-the data with *its* rounding rule, which may differ from the recipe's ``scale_rule`` (each layout
-says which rule its engines use; :func:`megaquant.export.layouts.activation_notes`). Anything else (MX blocks other than 32, dynamic activation amax of
-an amax format, output quantizers, E5M2, weight-only INT8/FP8/MX) raises ``ValueError`` naming
+the data with *its* rounding rule, which may differ from the recipe's ``scale_rule`` (each
+layout says which rule its engines use: :func:`megaquant.export.layouts.activation_notes`).
+Anything else (MX blocks other than 32, dynamic activation amax of an amax format, output
+quantizers, E5M2, weight-only INT8/FP8/MX) raises ``ValueError`` naming
 these: the exporter never writes a format it was not asked for.
 """
 
@@ -54,7 +57,8 @@ def _mx_scheme(w, i) -> str | None:
     return None
 
 
-def _scheme_of(w, i) -> str | None:
+def scheme_of(w, i) -> str | None:
+    """The scheme of a (weight format, input format or None) pair, or None if none is exportable."""
     if isinstance(w, NVFP4) and w.block_size == 16:
         if i is None:
             return "nvfp4_w4a16"
@@ -77,7 +81,7 @@ def classify(layer_name: str, weight_q, input_q, output_q) -> str:
     # without an amax (MX) compute block scales from the data in either mode, as engines do
     dynamic_amax = i is not None and i.needs_amax and input_q.mode != "static"
     if _enabled(output_q) is None and not dynamic_amax:
-        scheme = _scheme_of(w, i)
+        scheme = scheme_of(w, i)
     if scheme is None:
         raise ValueError(
             f"layer {layer_name}: weight {_describe(weight_q)}, input {_describe(input_q)}, output "

@@ -14,8 +14,9 @@ Shares no code with ``megaquant.export`` or ``megaquant.formats``: bits are deco
 * compressed-tensors NVFP4: value = e2m1 * (weight_scale / weight_global_scale); we compute it as
   (e2m1 * weight_scale) / weight_global_scale (see the tolerance note in the tests);
   float-quantized: e4m3 * weight_scale; int-quantized: int8 * weight_scale; mxfp8-quantized /
-  mxfp4-pack-quantized: element * 2^(weight_scale - 127); pack-quantized INT4: eight 4-bit fields per int32, lowest
-  bits first, each ``code + 8``; value = code * weight_scale (per group of ``group_size``).
+  mxfp4-pack-quantized: element * 2^(weight_scale - 127); pack-quantized INT4: eight 4-bit
+  fields per int32, lowest bits first, each ``code + 8``; value = code * weight_scale (per group
+  of ``group_size``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,6 @@ def test_export_int4_smollm2_dims_say_which_block_size_to_use(megatron_single, t
 def test_export_int4_block_64_claims_group_size_64(megatron_single, tmp_path):
     """The quantization_config states the block size the tensors were really written with."""
     import megaquant
-    from megaquant.evaluate import run_forward
     from megaquant.export import export_model
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
 

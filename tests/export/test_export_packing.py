@@ -1,15 +1,14 @@
 """Bit packing against slow per-element loops written from the layout definitions."""
 
-import torch
-
 import pytest
+import torch
 
 from megaquant.export.packing import (
     pack_int4_int32,
     pack_int4_rows_uint8,
-    unpack_int4_rows_uint8,
     pack_nibbles_uint8,
     unpack_int4_int32,
+    unpack_int4_rows_uint8,
     unpack_nibbles_uint8,
 )
 

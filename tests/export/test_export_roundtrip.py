@@ -16,8 +16,12 @@ import pytest
 import torch
 
 from tests.export import reference_reader as R
-from tests.export.export_helpers import (batches, fake_quant_hf_state, quantized_tiny,
-                                         round_params_to_bf16)
+from tests.export.export_helpers import (
+    batches,
+    fake_quant_hf_state,
+    quantized_tiny,
+    round_params_to_bf16,
+)
 
 RECIPES = ["nvfp4", "nvfp4_w4a16", "fp8", "fp8_per_channel", "int8_sq", "mxfp8", "mxfp4",
            "int4_w4a16"]
@@ -167,3 +171,20 @@ def test_export_report_bits_per_parameter(exports, recipe):
         assert info["quantized_bits_per_param"] == pytest.approx(bits / params_q, rel=1e-12)
     saved = json.loads((e["dir"] / "export_report.json").read_text())
     assert saved["scheme"] == recipe and saved["layouts"].keys() == e["report"].layouts.keys()
+
+
+def test_every_built_in_recipe_exports_to_at_least_one_layout():
+    """Each recipe's rules map to an exported scheme that a layout writes (in bfloat16)."""
+    import torch
+
+    from megaquant.export import layouts as L
+    from megaquant.export.schemes import scheme_of
+    from megaquant.recipe import available_recipes, load_recipe
+
+    assert len(available_recipes()) >= 14
+    for name in available_recipes():
+        for rule in load_recipe(name).rules:
+            w, i = (rule.roles.get(r) for r in ("weight", "input"))
+            scheme = scheme_of(w.build_format(), i.build_format() if i else None)
+            assert scheme is not None and all(c.mode == "static" for c in (w, i) if c), name
+            assert any(L.supports(lay, scheme, torch.bfloat16) for lay in L.LAYOUTS), name
