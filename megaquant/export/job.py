@@ -85,4 +85,7 @@ def run(cfg: ExportConfig):
     log.info("exported %s to %s: %s", cfg.checkpoint, cfg.output_dir, report.summary())
     for layout, why in report.skipped_layouts.items():
         log.info("not written: %s (%s)", layout, why)
+    for layout, info in report.layouts.items():
+        for note in info.get("notes", []):
+            log.warning("%s: %s", layout, note)
     return report
