@@ -145,7 +145,7 @@ def test_export_reloaded_model_loss_equals_fake_quant_loss(exports, recipe, mega
             assert loss == e["loss"], (layout, loss, e["loss"])
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4", "int4_w4a16"])
+@pytest.mark.parametrize("recipe", ["nvfp4", "int4_w4a16", "int8_sq", "mxfp8", "mxfp4"])
 def test_export_report_bits_per_parameter(exports, recipe):
     e = exports[recipe]
     for layout, info in e["report"].layouts.items():
@@ -157,20 +157,25 @@ def test_export_report_bits_per_parameter(exports, recipe):
         # from the format definitions: NVFP4 = 4-bit codes + an E4M3 scale per 16 + two fp32
         # scalars (weight and input global scale); INT4 = 32-bit words of eight codes (c-t) or
         # bytes of two rows (ModelOpt) + an fp32 scale per 128, + the int64 [2] weight_shape
-        # (c-t) or an fp32 pre_quant_scale per input channel (ModelOpt)
+        # (c-t) or an fp32 pre_quant_scale per input channel (ModelOpt); INT8 and MX below
         bits = params_q = 0
         for m in _quantized_modules(e["ref"]):
             out, k = e["ref"][f"{m}.weight"].shape
             params_q += out * k
             if recipe == "nvfp4":
                 bits += out * k * 4 + out * -(-k // 16) * 8 + 2 * 32
+            elif recipe == "int8_sq":  # int8 codes + an fp32 scale per row + the input scale
+                bits += out * k * 8 + out * 32 + 32
+            elif recipe.startswith("mx"):  # elements + an E8M0 byte per 32
+                bits += out * k * (8 if recipe == "mxfp8" else 4) + out * (k // 32) * 8
             elif layout == "compressed-tensors":
                 bits += out * -(-k // 8) * 32 + out * -(-k // 128) * 32 + 2 * 64
             else:
                 bits += out * k * 4 + out * -(-k // 128) * 32 + k * 32
         assert info["quantized_bits_per_param"] == pytest.approx(bits / params_q, rel=1e-12)
     saved = json.loads((e["dir"] / "export_report.json").read_text())
-    assert saved["scheme"] == recipe and saved["layouts"].keys() == e["report"].layouts.keys()
+    assert saved["scheme"] == {"int8_sq": "int8"}.get(recipe, recipe)
+    assert saved["layouts"].keys() == e["report"].layouts.keys()
 
 
 def test_every_built_in_recipe_exports_to_at_least_one_layout():
