@@ -193,3 +193,16 @@ def test_every_built_in_recipe_exports_to_at_least_one_layout():
             scheme = scheme_of(w.build_format(), i.build_format() if i else None)
             assert scheme is not None and all(c.mode == "static" for c in (w, i) if c), name
             assert any(L.supports(lay, scheme, torch.bfloat16) for lay in L.LAYOUTS), name
+
+
+def test_export_report_marks_approximate_activations(exports):
+    """DECISIONS "Activation scale rules": what engines compute differently is in the report."""
+    notes = {r: {lay: " ".join(v["notes"]) for lay, v in e["report"].layouts.items()}
+             for r, e in exports.items()}
+    for recipe in ("nvfp4", "nvfp4_w4a16", "fp8", "fp8_per_channel", "int4_w4a16"):
+        assert not any(notes[recipe].values()), (recipe, notes[recipe])
+    for layout in ("modelopt", "compressed-tensors"):
+        assert "clamp" in notes["int8_sq"][layout] and "[-128, 127]" in notes["int8_sq"][layout]
+        for recipe in ("mxfp8", "mxfp4"):  # OCP scale rule: no engine uses it for activations
+            assert "activations approximate" in notes[recipe][layout] and "'ocp'" in notes[recipe][layout]
+    assert "no engine maps it" in notes["mxfp4"]["modelopt"]
