@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[dev]'
+	# ModelOpt's hf_quant_config reader for tests/export (stdlib-only module); --no-deps keeps
+	# its CUDA/solver dependencies (and any torch change) out of the environment
+	$(BIN)/pip install -q --no-deps nvidia-modelopt==0.47.0
 	touch $(STAMP)
 
 demo: setup

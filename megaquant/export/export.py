@@ -35,6 +35,7 @@ from torch import Tensor
 
 import megaquant
 from megaquant.export import layouts as L
+from megaquant.export.dtypes import cast_unquantized, dtype_name, resolve_dtype
 from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
@@ -55,6 +56,7 @@ class ExportReport:
     layouts: dict = field(default_factory=dict)  # layout -> files, bytes, bits per parameter
     skipped_layouts: dict = field(default_factory=dict)  # layout -> reason
     tokenizer: bool = False
+    dtype: str = "float32"  # of the unquantized tensors (and config.json's dtype)
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -63,7 +65,7 @@ class ExportReport:
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
                  f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
-        return f"scheme {self.scheme}; " + "; ".join(parts)
+        return f"scheme {self.scheme}, unquantized tensors in {self.dtype}; " + "; ".join(parts)
 
 
 def _linear_modules(model: torch.nn.Module):
@@ -81,8 +83,11 @@ def _check_tp1(name: str, layer) -> None:
                          "model built at TP=1; export_checkpoint loads any saved TP layout at TP=1")
 
 
-def _activation_scale(iq) -> Tensor:
-    """The decode scale the input quantizer uses (FP8: amax/448; NVFP4: the global scale g)."""
+def _activation_scale(iq) -> Tensor | None:
+    """The decode scale the input quantizer uses (FP8: amax/448; INT8: amax/127; NVFP4: the
+    global scale g); None for formats whose activation scales come from each block (MX)."""
+    if not iq.is_enabled or not iq.fmt.needs_amax:
+        return None
     probe = iq.fmt.quantize(torch.zeros(1, 16), iq.amax)
     return probe.global_scale if probe.global_scale is not None else probe.scale
 
@@ -102,10 +107,13 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     wq, iq = layer.weight_quantizer, layer.input_quantizer
     weights = split_rows(layer.weight.detach(), split, arch)
     amaxes = split_rows(wq.amax, split, arch) if wq.fmt.needs_amax else (None,) * len(weights)
-    in_scale = _activation_scale(iq) if iq.is_enabled else None
+    in_scale = _activation_scale(iq)
     block = getattr(wq.fmt, "block_size", None)
-    out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block)
+    in_fmt = iq.fmt if iq.is_enabled else None
+    out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block, in_fmt)
            for n, w, a in zip(hf_names, weights, amaxes)]
+    for q in out:
+        _check_no_nan_marker(q)
     # The claim we write: these codes decode to what the model multiplied with. A quantizer
     # whose state fmt.quantize does not capture (say, a future per-block clipping) is refused.
     ran = split_rows(wq(layer.weight.detach()), split, arch)
@@ -115,6 +123,18 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
             raise RuntimeError(f"{q.name}: the exported codes do not decode to the weight the "
                                f"model computes with ({wq}); refusing to write them")
     return out
+
+
+def _check_no_nan_marker(q: L.QuantLinear) -> None:
+    """Integer codes mark NaN/inf inputs with the unused code -(qmax + 1); no layout can carry it
+    (ModelOpt's two's-complement INT4 would read -8, INT8 readers -128 as numbers)."""
+    if q.weight.codes.dtype != torch.int8:
+        return
+    qmax = 127 if q.weight.format_name == "int8" else 7
+    bad = (q.weight.codes == -(qmax + 1)).nonzero()
+    if len(bad):
+        raise ValueError(f"{q.name}.weight has {len(bad)} non-finite value(s) (first at index "
+                         f"{bad[0].tolist()}): fix the checkpoint's weights before exporting")
 
 
 def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], list[str]]:
@@ -210,7 +230,7 @@ def _layout_tensors(hf_state: dict, quantized: list[L.QuantLinear], layout: str,
 
 
 def check_claims(tensors: dict, quantized: list[L.QuantLinear], excluded: list[str], layout: str,
-                 scheme: str, source_dtype: torch.dtype) -> None:
+                 scheme: str, out_dtype: torch.dtype) -> None:
     """Every claimed module holds the layout's tensors and dtypes; excluded ones stay float."""
     for q in quantized:
         for k, dtype in L.required_dtypes(layout, scheme).items():
@@ -220,8 +240,8 @@ def check_claims(tensors: dict, quantized: list[L.QuantLinear], excluded: list[s
                                    f"{None if t is None else t.dtype}, the layout needs {dtype}")
     for name in excluded:
         t = tensors.get(f"{name}.weight")
-        if t is not None and t.dtype != source_dtype:
-            raise RuntimeError(f"excluded {name}.weight is {t.dtype}, not the source {source_dtype}")
+        if t is not None and t.dtype != out_dtype:
+            raise RuntimeError(f"excluded {name}.weight is {t.dtype}, not the export dtype {out_dtype}")
 
 
 def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
@@ -234,17 +254,19 @@ def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
             "quantized_bits_per_param": 8 * qbytes / qparams}
 
 
-def _resolve_layouts(layouts, scheme: str) -> tuple[list[str], dict]:
+def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str], dict]:
     """('auto' or a list) -> (layouts to write, {layout: why not}); refuses an unwritable request."""
     asked = list(L.LAYOUTS) if layouts in ("auto", None) else list(layouts)
     for lay in asked:
         L.supports(lay, scheme)  # ValueError for an unknown layout name
-    chosen = [lay for lay in asked if L.supports(lay, scheme)]
-    skipped = {lay: f"{lay} has no layout for scheme {scheme}" for lay in L.LAYOUTS
-               if lay not in chosen}
+    chosen = [lay for lay in asked if L.supports(lay, scheme, dtype)]
+    skipped = {lay: (L.why_not(lay, scheme, dtype) if not L.supports(lay, scheme, dtype)
+                     else f"not requested (layouts={asked})")
+               for lay in L.LAYOUTS if lay not in chosen}
     if not chosen or (layouts not in ("auto", None) and len(chosen) < len(asked)):
-        raise ValueError(f"scheme {scheme} cannot be written as {asked}: {skipped}; layouts that "
-                         f"can: {[lay for lay in L.LAYOUTS if L.supports(lay, scheme)]}")
+        raise ValueError(f"scheme {scheme} with dtype={dtype_name(dtype)} cannot be written as "
+                         f"{asked}: {skipped}; layouts that can: "
+                         f"{[lay for lay in L.LAYOUTS if L.supports(lay, scheme, dtype)]}")
     return chosen, skipped
 
 
@@ -258,50 +280,58 @@ def _save_tokenizer(tokenizer, directory: Path) -> None:
 
 @torch.no_grad()
 def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="auto",
-                 tokenizer=None, overwrite: bool = False,
+                 tokenizer=None, overwrite: bool = False, dtype: str = "auto",
+                 source_dtype: str | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
     """Export a quantized (calibrated) GPT ``model`` built at TP=1 with architecture ``arch``.
 
     ``layouts``: ``"auto"`` (every layout that has the model's scheme) or a list of
     ``"modelopt"``/``"compressed-tensors"`` (an error if one of them cannot hold the scheme).
     ``tokenizer``: a megaquant ``Tokenizer`` or ``tokenizers.Tokenizer`` (written as
-    tokenizer.json), or None when the source model had none. Writes ``out_dir/<layout>/`` and
+    tokenizer.json), or None when the source model had none. ``dtype``: what unquantized tensors
+    are written in and config.json says (:mod:`megaquant.export.dtypes`; ``auto`` =
+    ``source_dtype`` if given, else ``arch.params_dtype``). Writes ``out_dir/<layout>/`` and
     ``out_dir/export_report.json`` atomically.
     """
     from megaquant.models.mapping import megatron_to_hf
 
     if arch.num_moe_experts:
         check_moe_model(model, arch)
+    out_dtype = resolve_dtype(dtype, source_dtype or arch.params_dtype)
     scheme, quantized, excluded = collect(model, arch)
-    chosen, skipped = _resolve_layouts(layouts, scheme)
+    chosen, skipped = _resolve_layouts(layouts, scheme, out_dtype)
     state = {k: v.detach() for k, v in model.state_dict().items()
              if isinstance(v, Tensor) and not k.endswith("_extra_state")}
-    hf_state = megatron_to_hf([state], arch)
-    source_dtype = hf_state["model.embed_tokens.weight"].dtype
-    dtype_name = str(source_dtype).replace("torch.", "")
+    hf_state = cast_unquantized(megatron_to_hf([state], arch),
+                                {f"{q.name}.weight" for q in quantized}, out_dtype)
     qparams = sum(q.weight.codes.numel() for q in quantized)
     params = sum(t.numel() for t in hf_state.values())
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
-                          skipped_layouts=skipped, tokenizer=tokenizer is not None)
+                          skipped_layouts=skipped, tokenizer=tokenizer is not None,
+                          dtype=dtype_name(out_dtype))
     block = quantized[0].block_size
+    input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for layout in chosen:
             d = tmp / layout
             d.mkdir()
             tensors = _layout_tensors(hf_state, quantized, layout, scheme)
-            check_claims(tensors, quantized, excluded, layout, scheme, source_dtype)
+            check_claims(tensors, quantized, excluded, layout, scheme, out_dtype)
             if arch.num_moe_experts:
                 check_experts_complete(tensors.keys(), arch)
             files = write_safetensors(d, tensors, max_shard_bytes)
-            config = hf_config(arch, torch_dtype=dtype_name, tokenizer=tokenizer)
+            config = hf_config(arch, torch_dtype=dtype_name(out_dtype), tokenizer=tokenizer)
+            config["dtype"] = config["torch_dtype"]  # transformers 5 reads dtype, 4.x torch_dtype
             config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
                                                                   block_size=block)
             write_json(d / "config.json", config)
             if layout == "modelopt":
-                write_json(d / "hf_quant_config.json", L.hf_quant_config(scheme, excluded))
+                write_json(d / "hf_quant_config.json",
+                           L.hf_quant_config(scheme, excluded, block_size=block))
             if tokenizer is not None:
                 _save_tokenizer(tokenizer, d)
-            report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params)}
+            report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params),
+                                      "notes": L.activation_notes(layout, scheme, input_rules)}
         write_json(tmp / "export_report.json", report.to_dict())
     return report
 
@@ -326,6 +356,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, **kwargs)
     # rank's experts (stored under their global index) into this one process
     model = build_gpt_model(arch, tp_size=1, ep_size=1)
     load_quantized(model, checkpoint_dir)
+    kwargs.setdefault("source_dtype", meta.get("source_dtype"))
     return export_model(model, arch, out_dir, **kwargs)
 
 

@@ -27,6 +27,7 @@ class ExportConfig:
     overwrite: bool = False
     max_shard_bytes: int = 5 * 1024**3
     tokenizer: str = "auto"
+    dtype: str = "auto"  # unquantized tensors: auto (source training dtype) | bfloat16 | float16 | float32
     timeout_s: float = 600.0
 
     @classmethod
@@ -70,14 +71,21 @@ def run(cfg: ExportConfig):
 
     meta = read_metadata(cfg.checkpoint)["metadata"]  # fail fast: a wrong path or target
     check_target(Path(cfg.output_dir).absolute(), bool(cfg.overwrite))
+    from megaquant.export.dtypes import resolve_dtype
+
+    resolve_dtype(str(cfg.dtype), "float32")  # fail fast on a bad dtype name
     tokenizer = resolve_tokenizer(cfg.tokenizer, meta.get("arch", {}).get("name", ""))
     init_distributed(timeout_s=float(cfg.timeout_s))
     init_model_parallel(tp=1, pp=1, ep=1)
     layouts = cfg.layouts if isinstance(cfg.layouts, str) else list(cfg.layouts)
     report = export_checkpoint(cfg.checkpoint, cfg.output_dir, layouts=layouts,
                                tokenizer=tokenizer, overwrite=bool(cfg.overwrite),
+                               dtype=str(cfg.dtype),
                                max_shard_bytes=int(cfg.max_shard_bytes))
     log.info("exported %s to %s: %s", cfg.checkpoint, cfg.output_dir, report.summary())
     for layout, why in report.skipped_layouts.items():
         log.info("not written: %s (%s)", layout, why)
+    for layout, info in report.layouts.items():
+        for note in info.get("notes", []):
+            log.warning("%s: %s", layout, note)
     return report

@@ -60,3 +60,25 @@ def unpack_int4_int32(packed: Tensor, k: int) -> Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
     u = (words.unsqueeze(-1) >> shifts) & 0xF
     return (u.reshape(*packed.shape[:-1], -1)[..., :k] - INT4_OFFSET).to(torch.int8)
+
+
+def pack_int4_rows_uint8(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7] [out, in] -> uint8 [out/2, in], packed along the *output* dimension.
+
+    ModelOpt's INT4 (``W4A16_AWQ``) layout: rows 2j and 2j + 1 share a byte, row 2j in the low
+    nibble, each code as a two's-complement nibble (``code & 0xF``, no offset).
+    """
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise TypeError(f"pack_int4_rows_uint8 takes 2-D int8 codes, got {codes.dtype} {tuple(codes.shape)}")
+    if codes.shape[0] % 2:
+        raise ValueError(f"INT4 packing along the output dimension needs an even number of rows, "
+                         f"got {codes.shape[0]}")
+    nib = (codes.to(torch.int16) & 0x0F).to(torch.uint8)
+    return (nib[0::2] | (nib[1::2] << 4)).contiguous()
+
+
+def unpack_int4_rows_uint8(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4_rows_uint8`: uint8 [out/2, in] -> int8 codes [out, in]."""
+    lo, hi = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
+    both = torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[-1])
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)

@@ -96,6 +96,29 @@ def load_model_source(model_cfg: dict) -> LoadedModel:
     return LoadedModel(arch, None, tokenizer_from_source(source), path, source)
 
 
+# SmolLM2-135M's published checkpoint (config.json "torch_dtype") was trained and released in bf16
+SMOLLM2_DTYPE = "bfloat16"
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def source_dtype(model_cfg: dict, arch: GPTConfig) -> str:
+    """The dtype the source model was trained / published in (what ``export dtype=auto`` writes
+    unquantized tensors in): an HF directory's config.json ``dtype``/``torch_dtype``, SmolLM2's
+    bf16, a megaquant checkpoint's recorded ``source_dtype``, else the model's ``params_dtype``."""
+    source, path = model_cfg.get("source"), Path(model_cfg.get("path") or "")
+    found = None
+    if source == "smollm2":
+        found = SMOLLM2_DTYPE
+    elif source == "hf" and (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        found = cfg.get("dtype") or cfg.get("torch_dtype")
+    elif source == "megatron":
+        from megaquant.megatron.checkpoint import read_metadata
+
+        found = read_metadata(path).get("metadata", {}).get("source_dtype")
+    return found if found in _DTYPE_NAMES else arch.params_dtype
+
+
 def _arch(arch: dict, seq: int, name: str) -> GPTConfig:
     return GPTConfig.from_dict({**arch, "seq_length": seq, "name": name})
 

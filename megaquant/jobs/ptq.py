@@ -19,6 +19,7 @@ from megaquant.jobs.common import (
     is_rank0,
     load_model_source,
     resolve_text,
+    source_dtype,
     token_batches,
     write_json_atomic,
 )
@@ -137,7 +138,9 @@ def run(cfg: DictConfig) -> dict:
 
         meta = {"recipe": recipe.name, "recipe_config": summary["recipe_config"],
                 "arch": summary["model"]["arch"], "parallel": summary["parallel"],
-                "tokenizer": loaded.tokenizer_source}
+                "tokenizer": loaded.tokenizer_source,
+                "source_dtype": source_dtype(OmegaConf.to_container(cfg.model, resolve=True),
+                                             loaded.arch)}
         save_checkpoint(model, out / "checkpoint", metadata=meta)
     summary["wall_s"]["total"] = time.perf_counter() - t_start
     if is_rank0():

@@ -41,3 +41,12 @@ def fake_quant_hf_state(model, cfg) -> dict:
         if isinstance(layer, QuantModuleMixin) and layer.weight_quantizer.is_enabled:
             state[f"{name}.weight"] = layer.weight_quantizer(layer.weight).detach()
     return megatron_to_hf([state], cfg)
+
+
+@torch.no_grad()
+def round_params_to_bf16(model) -> None:
+    """Make every parameter bfloat16-representable (still float32), so that a ``dtype=bfloat16``
+    export of the unquantized tensors is lossless and the exported model can be compared exactly
+    with the fake-quantized one. Quantizer state (amax) is untouched."""
+    for p in model.parameters():
+        p.copy_(p.to(torch.bfloat16).float())

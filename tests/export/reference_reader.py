@@ -6,11 +6,17 @@ Shares no code with ``megaquant.export`` or ``megaquant.formats``: bits are deco
   bias 1; exponent 0 is subnormal (0 or 0.5). Two codes per byte, element 2j in the low nibble.
 * E4M3 "fn" (OCP FP8): sign(bit 7) | exponent(bits 6-3, bias 7) | mantissa(bits 2-0);
   exponent 0 is subnormal (m/8 * 2^-6); S.1111.111 is NaN; no infinities.
-* ModelOpt NVFP4: value = (e2m1 * weight_scale) * weight_scale_2; FP8: value = e4m3 * weight_scale.
+* E8M0 (OCP MX block scale): unsigned biased exponent, value 2^(s - 127), 255 is NaN.
+* ModelOpt NVFP4 / W4A16_NVFP4: value = (e2m1 * weight_scale) * weight_scale_2; FP8: value =
+  e4m3 * weight_scale; W8A8_SQ_PER_CHANNEL: int8 * weight_scale[row]; MXFP8 / mxfp4: element *
+  2^(weight_scale - 127) per block of 32; W4A16_AWQ: rows 2j / 2j+1 in the low / high nibble of
+  uint8 [out/2, in], two's-complement nibbles, value = code * weight_scale (per group).
 * compressed-tensors NVFP4: value = e2m1 * (weight_scale / weight_global_scale); we compute it as
   (e2m1 * weight_scale) / weight_global_scale (see the tolerance note in the tests);
-  float-quantized: e4m3 * weight_scale; pack-quantized INT4: eight 4-bit fields per int32, lowest
-  bits first, each ``code + 8``; value = code * weight_scale (per group of ``group_size``).
+  float-quantized: e4m3 * weight_scale; int-quantized: int8 * weight_scale; mxfp8-quantized /
+  mxfp4-pack-quantized: element * 2^(weight_scale - 127); pack-quantized INT4: eight 4-bit
+  fields per int32, lowest bits first, each ``code + 8``; value = code * weight_scale (per group
+  of ``group_size``).
 """
 
 from __future__ import annotations
@@ -73,19 +79,52 @@ def _per_block(scale: torch.Tensor, k: int) -> torch.Tensor:
     return scale.repeat_interleave(block, dim=-1)[..., :k]
 
 
+def decode_e8m0(s: torch.Tensor) -> torch.Tensor:
+    e = s.to(torch.int64)
+    val = torch.pow(torch.tensor(2.0, dtype=torch.float64), (e - 127).double())
+    return torch.where(e == 255, torch.full_like(val, float("nan")), val).float()  # 2^-127 is exact
+
+
+def unpack_rows_twos_complement(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/2, in] -> codes [out, in]: row 2j from the low nibble, 2j+1 from the high."""
+    p = packed.to(torch.int64)
+    lo, hi = p % 16, p // 16
+    out = torch.empty(p.shape[0] * 2, p.shape[1], dtype=torch.int64)
+    out[0::2], out[1::2] = lo, hi
+    return torch.where(out >= 8, out - 16, out)
+
+
 def modelopt_weight(sd: dict, module: str, algo: str, shape) -> torch.Tensor:
     w = sd[f"{module}.weight"]
-    if algo == "NVFP4":
+    scale = sd[f"{module}.weight_scale"]
+    if algo in ("NVFP4", "W4A16_NVFP4"):
         vals = decode_e2m1(unpack_low_nibble_first(w, shape[-1]))
-        s = _per_block(decode_e4m3(sd[f"{module}.weight_scale"]), shape[-1])
+        s = _per_block(decode_e4m3(scale), shape[-1])
         return (vals * s) * sd[f"{module}.weight_scale_2"].float()
+    if algo == "MXFP8":
+        return decode_e4m3(w) * _per_block(decode_e8m0(scale), shape[-1])
+    if algo == "mxfp4":
+        return decode_e2m1(unpack_low_nibble_first(w, shape[-1])) * _per_block(decode_e8m0(scale), shape[-1])
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return w.to(torch.int64).float() * scale.float().reshape(-1, 1)
+    if algo == "W4A16_AWQ":
+        codes = unpack_rows_twos_complement(w).float()
+        return codes * _per_block(scale.float(), shape[-1])
     assert algo == "FP8", algo
-    return decode_e4m3(w) * sd[f"{module}.weight_scale"].float()
+    return decode_e4m3(w) * scale.float()
 
 
 def ct_weight(sd: dict, module: str, group: dict, shape) -> torch.Tensor:
     """Dequantize one compressed-tensors module from its config group's ``weights`` args."""
     args = group["weights"]
+    if args.get("scale_dtype") == "torch.uint8":  # MX: E8M0 block scales
+        assert args["group_size"] == 32, args
+        s = _per_block(decode_e8m0(sd[f"{module}.weight_scale"]), shape[-1])
+        if args["num_bits"] == 4:
+            return decode_e2m1(unpack_low_nibble_first(sd[f"{module}.weight_packed"], shape[-1])) * s
+        return decode_e4m3(sd[f"{module}.weight"]) * s
+    if args["type"] == "int" and args["num_bits"] == 8:
+        return sd[f"{module}.weight"].to(torch.int64).float() * sd[f"{module}.weight_scale"].float()
     if args["type"] == "float" and args["num_bits"] == 4:
         vals = decode_e2m1(unpack_low_nibble_first(sd[f"{module}.weight_packed"], shape[-1]))
         s = _per_block(decode_e4m3(sd[f"{module}.weight_scale"]), shape[-1])

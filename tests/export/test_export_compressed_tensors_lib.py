@@ -3,7 +3,9 @@
 Its ``decompress`` computes in bfloat16 (NVFP4) or the scale dtype, so the comparison with the
 fake-quantized float32 weights has bfloat16 tolerance there; its float32 building blocks
 (``unpack_fp4_from_uint8``, ``dequantize``) are compared at rtol 2^-22 (the reciprocal global
-scale, see test_export_roundtrip.py). One export per recipe: the tiny GPT, calibrated.
+scale, see test_export_roundtrip.py). MX decompression is bfloat16 too, but an E4M3/E2M1 element
+times a power of two is exact in bfloat16, so MX is compared bit-exactly. One export per recipe:
+the tiny GPT, calibrated.
 """
 
 import json
@@ -17,7 +19,8 @@ from tests.export.export_helpers import fake_quant_hf_state, quantized_tiny
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is a dev dependency")
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4", "fp8_per_channel", "int4_w4a16"])
+@pytest.mark.parametrize("recipe", ["nvfp4", "fp8_per_channel", "int8_sq", "mxfp8", "mxfp4",
+                                    "int4_w4a16"])
 def test_compressed_tensors_library_decompresses_our_export(recipe, megatron_single, tmp_path):
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -25,7 +28,7 @@ def test_compressed_tensors_library_decompresses_our_export(recipe, megatron_sin
     from megaquant.export import export_model
 
     model, cfg = quantized_tiny(recipe, megatron_single.dp_group)
-    export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"])
+    export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"], dtype="bfloat16")
     ref = fake_quant_hf_state(model, cfg)
     d = tmp_path / "x" / "compressed-tensors"
     qc = QuantizationConfig.model_validate(json.loads((d / "config.json").read_text())["quantization_config"])
@@ -40,7 +43,9 @@ def test_compressed_tensors_library_decompresses_our_export(recipe, megatron_sin
         w = compressor.decompress(local, scheme)["weight"]
         want = ref[f"{m}.weight"]
         assert w.shape == want.shape
-        if recipe == "nvfp4":  # bf16 arithmetic inside the library
+        if recipe.startswith("mx"):  # bf16 inside the library, exact for element * 2^e
+            assert w.dtype == torch.bfloat16 and torch.equal(w.float(), want), m
+        elif recipe == "nvfp4":  # bf16 arithmetic inside the library
             torch.testing.assert_close(w.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
             _check_nvfp4_float32(local, scheme, want)
         else:

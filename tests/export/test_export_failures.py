@@ -60,13 +60,46 @@ def test_export_bad_path_and_unsupported_scheme_write_nothing(fp8_model, tmp_pat
         export_model(*fp8_model, tmp_path / "file" / "out")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         export_model(*fp8_model, tmp_path / "file")
-    model, cfg = quantized_tiny("int8", megatron_single.dp_group)
-    with pytest.raises(ValueError, match="not an exportable scheme.*nvfp4"):
-        export_model(model, cfg, tmp_path / "int8")
+    model, cfg = _quantized_with({"weight": {"format": "fp8", "dtype": "e5m2"},
+                                  "input": {"format": "fp8", "dtype": "e5m2"}}, megatron_single)
+    with pytest.raises(ValueError, match="not an exportable scheme.*E5M2"):
+        export_model(model, cfg, tmp_path / "e5m2")
     model, cfg = quantized_tiny("fp8_per_channel", megatron_single.dp_group)
     with pytest.raises(ValueError, match="cannot be written as \\['modelopt'\\]"):
         export_model(model, cfg, tmp_path / "pc", layouts=["modelopt"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _quantized_with(roles: dict, megatron_single):
+    import megaquant
+    from megaquant.evaluate import run_forward
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+    from tests.export.export_helpers import batches
+
+    cfg = tiny_gpt_config()
+    torch.manual_seed(0)
+    model = build_gpt_model(cfg, tp_size=1)
+    recipe = {"name": "custom", "rules": [{"modules": "*", **roles}], "exclude": ["*output_layer*"]}
+    calib = [b[:, :-1] for b in batches(1, 1)]
+    megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", megatron_single.dp_group),
+                       dp_group=megatron_single.dp_group)
+    return model, cfg
+
+
+@pytest.mark.parametrize("roles", [
+    {"weight": {"format": "mxfp8", "block_size": 16}, "input": {"format": "mxfp8", "block_size": 16}},
+    {"weight": {"format": "int8", "axis": 0}, "input": {"format": "int8", "amax": "dynamic"}},
+    {"weight": {"format": "fp8"}, "input": {"format": "fp8"}, "output": {"format": "fp8"}},
+    {"weight": {"format": "mxfp4"}},  # weight-only MX: no built-in recipe, no layout claimed
+], ids=["mx_block16", "int8_dynamic_amax", "output_quantizer", "mxfp4_weight_only"])
+def test_export_refuses_schemes_no_layout_expresses(roles, megatron_single, tmp_path):
+    from megaquant.export import export_model
+
+    model, cfg = _quantized_with(roles, megatron_single)
+    with pytest.raises(ValueError, match="is not an exportable scheme.*(output quantizers|dynamic "
+                                         "activation amax|MX blocks other than 32|weight-only)"):
+        export_model(model, cfg, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_ragged_blocks(megatron_single, tmp_path):
@@ -99,7 +132,6 @@ def test_export_int4_smollm2_dims_say_which_block_size_to_use(megatron_single, t
 def test_export_int4_block_64_claims_group_size_64(megatron_single, tmp_path):
     """The quantization_config states the block size the tensors were really written with."""
     import megaquant
-    from megaquant.evaluate import run_forward
     from megaquant.export import export_model
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
 
@@ -152,7 +184,7 @@ def test_export_tied_embeddings_stay_tied_and_tokenizer_is_written(megatron_sing
     vocab = {chr(i): i for i in range(32, 127)}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model, cfg = quantized_tiny("nvfp4", megatron_single.dp_group, tie_embeddings=True)
+    model, cfg = quantized_tiny("fp8", megatron_single.dp_group, tie_embeddings=True)
     export_model(model, cfg, tmp_path / "x", tokenizer=Tokenizer(tok, bos_id=33, eos_id=34))
     for layout in ("modelopt", "compressed-tensors"):
         d = tmp_path / "x" / layout
@@ -166,3 +198,16 @@ def test_export_tied_embeddings_stay_tied_and_tokenizer_is_written(megatron_sing
         assert back.encode("hello") == [vocab[c] for c in "hello"] and back.bos_id == 33
     report = json.loads((tmp_path / "x" / "export_report.json").read_text())
     assert report["tokenizer"] is True and "lm_head" in report["excluded_modules"]
+
+
+def test_export_refuses_int_codes_marking_non_finite_weights(megatron_single, tmp_path):
+    """INT8/INT4 mark a NaN/inf weight with the unused code -(qmax+1); no layout can carry it."""
+    from megaquant.export import export_model
+
+    model, cfg = quantized_tiny("int8", megatron_single.dp_group)
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.linear_fc2.weight[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight has 1 non-finite "
+                                         "value\(s\) \(first at index \[2, 5\]\)"):
+        export_model(model, cfg, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []

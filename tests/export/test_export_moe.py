@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.export import reference_reader as R
-from tests.export.export_helpers import fake_quant_hf_state
+from tests.export.export_helpers import fake_quant_hf_state, round_params_to_bf16
 
 RECIPES = ["nvfp4", "fp8_per_channel"]
 MODELOPT = {"nvfp4": "NVFP4"}
@@ -45,8 +45,9 @@ def moe_exports(megatron_single, tmp_path_factory):
     out = {}
     for recipe in RECIPES:
         model, cfg = quantized_tiny_moe(recipe, megatron_single.dp_group)
+        round_params_to_bf16(model)  # bfloat16 export (c-t NVFP4 needs it), lossless
         d = tmp_path_factory.mktemp(f"moe_{recipe}") / "export"
-        out[recipe] = {"dir": d, "report": export_model(model, cfg, d), "cfg": cfg,
+        out[recipe] = {"dir": d, "report": export_model(model, cfg, d, dtype="bfloat16"), "cfg": cfg,
                        "ref": fake_quant_hf_state(model, cfg), "model": model}
     return out
 
@@ -74,11 +75,11 @@ def test_export_moe_every_expert_dequantizes_to_the_fake_quantized_weights(moe_e
                     torch.testing.assert_close(got, want, rtol=2**-22, atol=0, msg=m)
                 else:
                     assert torch.equal(got, want), (layout, m)
-            # the router: source precision, the source tensor, and declared unquantized
+            # the router: the export dtype, the source tensor, and declared unquantized
             router = f"model.layers.{layer}.mlp.gate"
             src = e["model"].decoder.layers[layer].mlp.router.weight.detach()
-            assert sd[f"{router}.weight"].dtype == torch.float32
-            assert torch.equal(sd[f"{router}.weight"], src)
+            assert sd[f"{router}.weight"].dtype == torch.bfloat16
+            assert torch.equal(sd[f"{router}.weight"].float(), src)
             assert not any(k.startswith(f"{router}.") and not k.endswith(".weight") for k in sd)
             ignored = (config["quantization_config"]["ignore"] if layout == "compressed-tensors"
                        else config["quantization_config"]["exclude_modules"])
@@ -112,7 +113,8 @@ def test_export_moe_loads_in_transformers_with_the_same_logits(megatron_single, 
     from tests.moe.moe_helpers import batches
 
     model, cfg = quantized_tiny_moe("nvfp4_w4a16", megatron_single.dp_group)  # weight-only
-    export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"])
+    round_params_to_bf16(model)  # compressed-tensors NVFP4 is written in bfloat16 only: lossless
+    export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"], dtype="bfloat16")
     d = tmp_path / "x" / "compressed-tensors"
     sd, config = R.load_tensors(d), json.loads((d / "config.json").read_text())
     group = config.pop("quantization_config")["config_groups"]["group_0"]

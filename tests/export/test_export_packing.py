@@ -1,11 +1,14 @@
 """Bit packing against slow per-element loops written from the layout definitions."""
 
+import pytest
 import torch
 
 from megaquant.export.packing import (
     pack_int4_int32,
+    pack_int4_rows_uint8,
     pack_nibbles_uint8,
     unpack_int4_int32,
+    unpack_int4_rows_uint8,
     unpack_nibbles_uint8,
 )
 
@@ -36,3 +39,17 @@ def test_pack_int4_int32_first_element_in_low_bits_matches_loop():
                 word |= ((int(codes[r, k]) + 8) if k < 19 else 8) << (4 * i)
             assert int(packed[r, w]) & 0xFFFFFFFF == word
     assert torch.equal(unpack_int4_int32(packed, 19), codes)
+
+
+def test_pack_int4_rows_pairs_output_rows_twos_complement_matches_loop():
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(-8, 8, (6, 5), generator=g, dtype=torch.int8)
+    packed = pack_int4_rows_uint8(codes)
+    assert packed.shape == (3, 5) and packed.dtype == torch.uint8
+    for j in range(3):
+        for c in range(5):
+            lo, hi = int(codes[2 * j, c]) % 16, int(codes[2 * j + 1, c]) % 16  # two's complement
+            assert int(packed[j, c]) == lo + 16 * hi
+    assert torch.equal(unpack_int4_rows_uint8(packed), codes)
+    with pytest.raises(ValueError, match="even number of rows"):
+        pack_int4_rows_uint8(codes[:5])

@@ -78,8 +78,9 @@ def test_export_of_tp2_and_tp1_checkpoints_is_byte_identical(megatron_single, tm
         amax[recipe] = _quantize_and_save(model, recipe, megatron_single, tmp_path / f"tp1_{recipe}", cfg)
     assert run_ranks(_save_tp2, 2, (full, tp2, amax), timeout_s=300) == [True, True]
     for recipe in RECIPES:
-        a = export_checkpoint(tmp_path / f"tp1_{recipe}", tmp_path / f"out1_{recipe}")
-        export_checkpoint(tp2[recipe], tmp_path / f"out2_{recipe}")
+        # bfloat16: every layout, compressed-tensors NVFP4 included
+        a = export_checkpoint(tmp_path / f"tp1_{recipe}", tmp_path / f"out1_{recipe}", dtype="bfloat16")
+        export_checkpoint(tp2[recipe], tmp_path / f"out2_{recipe}", dtype="bfloat16")
         one, two = _files(tmp_path / f"out1_{recipe}"), _files(tmp_path / f"out2_{recipe}")
         assert one.keys() == two.keys() and len(one) >= 3, sorted(one)
         for name in one:

@@ -36,6 +36,8 @@ def test_ptq_script_writes_checkpoint_summary_and_report(tmp_path):
     e = summary["eval"]
     assert e["loss_fp"] > 0 and e["loss_quant"] > 0 and e["ppl_ratio"] > 0
     assert (out / "checkpoint" / "megaquant.json").exists()
+    meta = json.loads((out / "checkpoint" / "megaquant.json").read_text())["metadata"]
+    assert meta["source_dtype"] == "float32"  # what export dtype=auto writes (random model)
     assert "int8" in (out / "report.md").read_text()
     # The saved checkpoint is itself a model source: same weights, so the same fp loss.
     again = _run([a for a in _tiny_args(tmp_path, "fp8") if not a.startswith("model=")]
