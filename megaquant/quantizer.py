@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from megaquant.calib.max import MaxCalibrator
+from megaquant.calibrator import MaxCalibrator
 from megaquant.formats import QuantFormat
 
 MODES = ("off", "calibrate", "static", "dynamic")

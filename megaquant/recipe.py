@@ -40,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from megaquant.calib.algorithms import CalibConfig, check_recipe_roles
 from megaquant.formats import QuantFormat, get_format
+from megaquant.recipe_calib import CalibConfig, check_recipe_roles
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ROLES = ("input", "weight", "output")

@@ -1,25 +1,13 @@
-"""Calibration algorithms beside max calibration: the interface, the registry and the dispatch.
+"""What the calibration algorithms share: finding the quantized linears, capturing their inputs.
 
-Max calibration with round-to-nearest (RTN) takes every scale from the largest value it sees.
-The algorithms here change *what* gets quantized (the weights, a norm) or *which* amax is used,
-so that the same formats lose less. A recipe picks one::
-
-    calib: {algorithm: smoothquant, alpha: 0.5}    # max | mse | smoothquant | awq | gptq
-
-Every algorithm is one module with a docstring that teaches it, and the same interface:
-
-* ``Options``: a frozen dataclass of its options (unknown keys are errors naming valid ones);
-* ``check(roles)``: raise ValueError at config time when the recipe's formats do not suit it;
-* ``run(model, opts, forward_loop, dp_group) -> pins``: a pass that runs *before* max
-  calibration (``megaquant.ptq.quantize`` calls it). It may rewrite weights and norms, and it
-  returns ``{weight_quantizer: amax}``: amax values the algorithm built its result on, which
-  ``quantize`` stores *after* max calibration (max calibration would recompute them from the
-  rewritten weights, and a clipped weight has a smaller max than the scale it was rounded with).
-
-Helpers shared by the algorithms live here too: finding the quantized linears, capturing their
-input statistics with forward hooks (quantizers off, so statistics are those of the unquantized
-model), and tensor-parallel gathers and reductions. Folding a per-input-channel scale into the
-operation that produces a linear's input lives in :mod:`megaquant.calib.fold`.
+The algorithms (:mod:`~megaquant.calib.mse`, :mod:`~megaquant.calib.smoothquant`,
+:mod:`~megaquant.calib.awq`, :mod:`~megaquant.calib.gptq`; dispatched by
+:mod:`megaquant.calib.passes`) all start the same way: find the linears whose weight quantizer is
+on, then run the calibration data through the model with forward hooks that accumulate input
+statistics (quantizers off, so statistics are those of the unquantized model). Folding a
+per-input-channel scale into the operation that produces a linear's input lives in
+:mod:`megaquant.calib.fold`; the algorithms' options (what a recipe may say) in
+:mod:`megaquant.recipe_calib`.
 
 Parallel rules shared by all algorithms (each module adds its own beside its code):
 
@@ -35,8 +23,6 @@ Parallel rules shared by all algorithms (each module adds its own beside its cod
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,139 +32,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-ALGORITHMS = {  # name -> module implementing Options / check / run ("max": nothing to do)
-    "max": None,
-    "mse": "megaquant.calib.mse",
-    "smoothquant": "megaquant.calib.smoothquant",
-    "awq": "megaquant.calib.awq",
-    "gptq": "megaquant.calib.gptq",
-}
-VALID_COMBINATIONS = (
-    "max: any recipe; mse: recipes with weight quantizers (searches weight amax and block "
-    "clipping); smoothquant: recipes that quantize activations (input) and weights, e.g. int8, "
-    "fp8, nvfp4; awq: weight-only recipes (no input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
-    "gptq: recipes with weight quantizers"
-)
-
-
-def get_algorithm(name: str):
-    """The module implementing algorithm ``name`` (None for plain max calibration)."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown calibration algorithm {name!r}; valid: {sorted(ALGORITHMS)}")
-    path = ALGORITHMS[name]
-    return None if path is None else importlib.import_module(path)
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    """A recipe's ``calib:`` section: the algorithm and its options (validated now).
-
-    A list chains algorithms, run in order before max calibration, each on the model the
-    previous one rewrote (``[{algorithm: smoothquant, search: true}, {algorithm: gptq}]``:
-    GPTQ then sees the smoothed inputs). ``then`` holds the steps after the first.
-    """
-
-    algorithm: str = "max"
-    options: dict = field(default_factory=dict)
-    then: tuple = ()
-
-    def __post_init__(self):
-        self.build_options()
-        if self.then and "max" in (self.algorithm, *(s.algorithm for s in self.then)):
-            raise ValueError("'max' cannot be chained: it is what every chain ends with")
-
-    @classmethod
-    def from_dict(cls, d, where: str = "calib") -> "CalibConfig":
-        if d is None:
-            return cls()
-        if isinstance(d, (list, tuple)):
-            if not d:
-                raise ValueError(f"{where}: an empty list of algorithms; use 'max' or omit it")
-            steps = [cls.from_dict(x, f"{where}[{i}]") for i, x in enumerate(d)]
-            return dataclasses.replace(steps[0], then=tuple(steps[1:]))
-        if isinstance(d, str):
-            d = {"algorithm": d}
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping like {{algorithm: mse}} or a list of "
-                             f"them, got {d!r}")
-        d = dict(d)
-        try:
-            return cls(algorithm=d.pop("algorithm", "max"), options=d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: {e}") from e
-
-    @property
-    def steps(self) -> tuple["CalibConfig", ...]:
-        """Every step of the chain, each a single-algorithm config."""
-        return (dataclasses.replace(self, then=()), *self.then)
-
-    @property
-    def name(self) -> str:
-        """``"smoothquant+gptq"`` for a chain, the algorithm's name otherwise."""
-        return "+".join(s.algorithm for s in self.steps)
-
-    @property
-    def needs_data(self) -> bool:
-        return any(get_algorithm(s.algorithm) is not None and
-                   getattr(get_algorithm(s.algorithm), "NEEDS_DATA", True) for s in self.steps)
-
-    def build_options(self):
-        module = get_algorithm(self.algorithm)
-        if module is None:
-            if self.options:
-                raise ValueError(f"algorithm 'max' takes no options, got {sorted(self.options)}")
-            return None
-        valid = [f.name for f in dataclasses.fields(module.Options)]
-        unknown = sorted(set(self.options) - set(valid))
-        if unknown:
-            raise ValueError(f"algorithm {self.algorithm!r}: unknown option(s) {unknown}; "
-                             f"valid options: {valid}")
-        return module.Options(**self.options)
-
-    def to_dict(self):
-        steps = [{"algorithm": s.algorithm, **s.options} for s in self.steps]
-        return steps[0] if len(steps) == 1 else steps
-
-
-def check_recipe_roles(calib: CalibConfig, roles: list[tuple[str, object]]) -> None:
-    """Config-time check that every step of ``calib`` suits the recipe's (role, QuantizerConfig)s."""
-    for step in calib.steps:
-        module = get_algorithm(step.algorithm)
-        if module is None:
-            continue
-        try:
-            module.check(roles)
-        except ValueError as e:
-            raise ValueError(f"calib.algorithm={step.algorithm!r} does not apply to this recipe: "
-                             f"{e}. Valid combinations: {VALID_COMBINATIONS}") from e
-
-
-def run_algorithm(model: nn.Module, calib: CalibConfig, forward_loop, dp_group) -> dict:
-    """Run ``calib``'s passes in order (before max calibration); returns the amax pins."""
-    if forward_loop is None and calib.needs_data:
-        raise ValueError(f"calib.algorithm={calib.name!r} needs calibration data: pass a "
-                         "forward_loop(model) to megaquant.quantize")
-    pins = {}
-    for step in calib.steps:
-        module = get_algorithm(step.algorithm)
-        if module is None:
-            continue
-        with torch.no_grad():
-            pins.update(module.run(model, step.build_options(), forward_loop, dp_group))
-    return pins
-
-
-def apply_pins(pins: dict) -> None:
-    """Store the amax values an algorithm rounded with (after max calibration)."""
-    for q, amax in pins.items():
-        q.load_amax(amax)
+from megaquant.calib.sync import SyncItem, tp_reduced
+from megaquant.nn.base import QuantModuleMixin
+from megaquant.quantizer import disable_quantizers, enable_quantizers
 
 
 # ------------------------------------------------------------------------ finding layers
 def quant_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every quantized linear whose weight quantizer is enabled."""
-    from megaquant.nn.base import QuantModuleMixin
-
     out = []
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantModuleMixin):
@@ -229,8 +90,6 @@ def all_gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 def weight_amax(layer: nn.Module, w: torch.Tensor) -> torch.Tensor | None:
     """The weight amax max calibration would store for ``w`` (this rank's shard), TP-synced."""
-    from megaquant.calib.sync import SyncItem, tp_reduced
-
     q = layer.weight_quantizer
     if not q.fmt.needs_amax:
         return None
@@ -267,8 +126,6 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
     are kept at any TP size). Samples are not reduced: an algorithm sums its per-token errors
     over DP itself (a sum over tokens is additive over ranks).
     """
-    from megaquant.quantizer import disable_quantizers, enable_quantizers
-
     stats = {name: InputStats() for name, _ in layers}
 
     def hook_for(name, layer):

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megaquant.nn.base import sharded_amax_axis
 from megaquant.quantizer import TensorQuantizer
 
 
@@ -69,18 +70,6 @@ class SyncItem:
     ep_group: object = None  # routed experts' non-weight quantizers only
     pool_key: tuple | None = None  # (expert module, quantizer path): experts sharing a pool
     always_pooled: bool = False  # one quantizer for all local experts (grouped layers)
-
-
-def sharded_amax_axis(fmt, partition_axis: int | None, ndim: int) -> int | None:
-    """The axis along which an amax is split over TP (None: the amax is shared by the group).
-
-    Only a per-channel amax whose channel axis is the tensor's partition axis stays sharded.
-    Checkpointing (megaquant.nn.base) uses the same answer to describe the amax's shards.
-    """
-    axis = getattr(fmt, "axis", None)
-    if axis is None or partition_axis is None:
-        return None
-    return axis % ndim if axis % ndim == partition_axis % ndim else None
 
 
 def tp_reduced(item: SyncItem) -> bool:
@@ -133,16 +122,6 @@ def check_finite(items: list[SyncItem], group) -> None:
             f"non-finite activations (NaN/inf) during calibration: {shown}{more}. Check the model "
             "weights and inputs in float32, or exclude these layers in the recipe."
         )
-
-
-def sync_amax(items: list[SyncItem], tp_group, dp_group) -> list[torch.Tensor]:
-    """Synchronised amax per item, following the rules in the module docstring."""
-    amaxes = [_local_amax(i) for i in items]
-    tp_idx = [k for k, i in enumerate(items) if tp_reduced(i)]
-    reduced = _reduce_max([amaxes[k] for k in tp_idx], tp_group)
-    for k, r in zip(tp_idx, reduced):
-        amaxes[k] = r
-    return _reduce_max(amaxes, dp_group)
 
 
 def _reduce_by_group(amaxes: list, items: list[SyncItem], group_of) -> None:

@@ -1,5 +1,8 @@
 """The behaviour of megaquant's quantized TE layers, as mixins that need no TE to import.
 
+(This module was ``megaquant.te.layers``; it sits beside the layers it serves, above ``te/``,
+which only introspects and patches TE.)
+
 :mod:`megaquant.nn.te_layers` combines these with Megatron's TE classes
 (``class QuantTELinear(QuantTELinearMixin, TELinear)``); the tests combine them with TE-shaped
 doubles. Each forward runs the parent's forward, i.e. TE's fused path, while TE's autograd
