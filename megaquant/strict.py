@@ -9,6 +9,7 @@ valid keys. Values are checked by each dataclass's own ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Mapping
 
 
@@ -25,3 +26,23 @@ def from_dict(cls: type, values: Mapping[str, Any] | None, where: str):
     values = dict(values or {})
     check_keys(values, cls, where)
     return cls(**values)
+
+
+def check_tree(values: Mapping[str, Any], cls: type, where: str = "") -> None:
+    """Refuse keys anywhere in a nested mapping that the dataclass schema ``cls`` lacks.
+
+    A field whose type is a dataclass is checked recursively; a free-form field (a dict, a
+    recipe) may name the dataclass that validates it in ``metadata={"schema": ...}``. Used on
+    Hydra job configs after composition: Hydra's ``+key=value`` adds keys even to a structured
+    config, so a typo such as ``+parallel.tpp=2`` would otherwise be ignored.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            section = f"under {where!r}" if where else "at the top level"
+            raise ValueError(f"unknown config key {path!r}; valid keys {section}: {list(fields)}")
+        schema = fields[key].metadata.get("schema", hints[key])
+        if dataclasses.is_dataclass(schema) and isinstance(value, Mapping):
+            check_tree(value, schema, path)

@@ -7,11 +7,12 @@ This is the outermost layer: it alone sets up the (one-rank) process group.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from megaquant import strict
 
 log = logging.getLogger("megaquant.export")
 TOKENIZER_CHOICES = "auto | none | smollm2 | <directory with tokenizer.json>"
@@ -31,11 +32,7 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExportConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"export config: unknown key(s) {unknown}; valid keys: {valid}")
-        return cls(**d)
+        return strict.from_dict(cls, d, "export config")
 
 
 def resolve_tokenizer(choice: str, arch_name: str):

@@ -22,6 +22,7 @@ from megaquant.jobs.common import (
     token_batches,
     write_json_atomic,
 )
+from megaquant.jobs.schema import validate
 from megaquant.recipe import available_recipes, load_recipe
 
 log = logging.getLogger("megaquant.ptq")
@@ -76,9 +77,10 @@ def run(cfg: DictConfig) -> dict:
     from megaquant.megatron.dist import init_distributed, init_model_parallel
 
     t_start = time.perf_counter()
-    if "recipe" not in cfg:
+    if cfg.get("recipe") is None:
         raise ValueError("choose a recipe: +recipe=NAME, one of "
                          f"{available_recipes()}")
+    validate(cfg, "ptq")
     recipe = load_recipe(OmegaConf.to_container(cfg.recipe, resolve=True))
     calib_path = resolve_text(cfg.data.calib_text, "default_calib_text")
     eval_path = resolve_text(cfg.data.eval_text, "default_eval_text")
