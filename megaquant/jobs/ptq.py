@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.run.output_dir)
     summary = {
         "recipe": recipe.name,
-        "recipe_config": OmegaConf.to_container(cfg.recipe, resolve=True),
+        "recipe_config": recipe.to_dict(),  # versioned, defaults spelled out
         "model": {"source": cfg.model.source, "name": loaded.arch.name,
                   "arch": {k: v for k, v in vars(loaded.arch).items()}},
         "parallel": {"tp": groups.tp, "pp": groups.pp, "ep": groups.ep, "dp": groups.dp},

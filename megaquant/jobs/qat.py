@@ -25,6 +25,7 @@ from megaquant.jobs.common import (
     write_json_atomic,
 )
 from megaquant.jobs.schema import validate
+from megaquant.recipe import canonical_recipe
 from megaquant.train.config import (
     BatchConfig,
     DistillConfig,
@@ -171,7 +172,8 @@ def run(cfg: DictConfig) -> dict:
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     optimizer = build_optimizer(model, optim)
     layout = {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep, "world_size": env.world_size}
-    meta = {"recipe": None if recipe is None else recipe.get("name"), "recipe_config": recipe,
+    meta = {"recipe": None if recipe is None else recipe.get("name"),
+            "recipe_config": canonical_recipe(recipe),
             "arch": dict(vars(loaded.arch)), "distill": vars(distill),
             "parallel": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep}}
     start = 0
