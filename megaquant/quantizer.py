@@ -40,7 +40,9 @@ class TensorQuantizer(nn.Module):
         self.calibrator: MaxCalibrator | None = None
         self.name = ""  # set by megaquant.convert for error messages; not state
         self._collected = 0  # batches seen while calibrating
-        self._first_nonfinite: int | None = None  # 1-based index of the first bad batch
+        # 1-based index of the first batch whose statistic was non-finite (0: none), kept on
+        # the calibrator's device so that checking costs no host sync per batch.
+        self._first_nonfinite: torch.Tensor | None = None
         if fmt is not None:
             self.configure(fmt, mode)
         elif mode != "off":
@@ -90,19 +92,27 @@ class TensorQuantizer(nn.Module):
 
         Raising here would leave the other ranks of a parallel job blocked in their next
         collective; instead the batch index is remembered and every rank raises together after
-        the calibration loop (see megaquant.calib.sync.check_finite).
+        the calibration loop (see megaquant.calib.sync.check_finite), which reads the index
+        once per quantizer.
         """
         self._collected += 1
         if self.calibrator is None:
             return
         self.calibrator.collect(x)
-        amax = self.calibrator.compute_amax()
-        if self._first_nonfinite is None and not bool(torch.isfinite(amax).all()):
-            self._first_nonfinite = self._collected
+        finite = torch.isfinite(self.calibrator.compute_amax()).all()
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.zeros((), dtype=torch.int64, device=finite.device)
+        # Device-side "first bad batch": no .item() here, one read after the loop.
+        unset = self._first_nonfinite == 0
+        self._first_nonfinite = torch.where(unset & ~finite, self._collected,
+                                            self._first_nonfinite)
 
     @property
     def first_nonfinite_batch(self) -> int | None:
-        return self._first_nonfinite
+        """The 1-based index of the first non-finite batch, or None (reads the device once)."""
+        if self._first_nonfinite is None:
+            return None
+        return int(self._first_nonfinite) or None
 
     def calib_amax(self) -> torch.Tensor | None:
         """The calibrator's current statistic, or None when it saw nothing."""

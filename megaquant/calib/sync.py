@@ -106,22 +106,34 @@ def _reduce_max(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
 def check_finite(items: list[SyncItem], group) -> None:
     """Raise on every rank if any rank saw a non-finite value (one collective, no hang).
 
-    Each quantizer contributes the 1-based index of its first bad batch (0 if none); after a MAX
-    over ``group`` (the whole job) every rank knows about every bad quantizer and raises the same
-    error, so no rank is left waiting in a collective.
+    Each quantizer contributes the 1-based index of its first bad batch (0 if none; read from
+    the device once per quantizer, after the loop); after a MAX over ``group`` (the whole job)
+    every rank knows about every bad quantizer and raises the same error, so no rank is left
+    waiting in a collective. Weight quantizers collect once, from the weight itself: their
+    message names the weight; the others name the calibration batch.
     """
     bad = torch.tensor([float(i.quantizer.first_nonfinite_batch or 0) for i in items])
     # group=None means the default group (the whole job), as for every torch collective.
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    hits = [(i.name, int(b)) for i, b in zip(items, bad.tolist()) if b > 0]
-    if hits:
-        shown = "; ".join(f"{name} at calibration batch {b}" for name, b in hits[:5])
-        more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
+    hits = [(i, int(b)) for i, b in zip(items, bad.tolist()) if b > 0]
+    weights = [i.name for i, _ in hits if i.role == "weight"]
+    acts = [f"{i.name} at calibration batch {b}" for i, b in hits if i.role != "weight"]
+    parts = []
+    if weights:
+        parts.append(f"non-finite weights (NaN/inf): {_first_five(weights)}")
+    if acts:
+        parts.append(f"non-finite activations (NaN/inf) during calibration: {_first_five(acts)}")
+    if parts:
         raise FloatingPointError(
-            f"non-finite activations (NaN/inf) during calibration: {shown}{more}. Check the model "
-            "weights and inputs in float32, or exclude these layers in the recipe."
+            f"{'; '.join(parts)}. Check the model weights and inputs in float32, or exclude "
+            "these layers in the recipe."
         )
+
+
+def _first_five(names: list[str]) -> str:
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return "; ".join(names[:5]) + more
 
 
 def _reduce_by_group(amaxes: list, items: list[SyncItem], group_of) -> None:
