@@ -83,7 +83,7 @@ class _UnevenAllGather(torch.autograd.Function):
 
 
 def _gather_uneven_ok(original):
-    """``gather_from_sequence_parallel_region`` that routes uneven gathers to ``_UnevenAllGather``."""
+    """``gather_from_sequence_parallel_region`` routing uneven gathers to ``_UnevenAllGather``."""
 
     def gather(input_, tensor_parallel_output_grad=True, group=None, output_split_sizes=None,
                use_global_buffer=False):
