@@ -13,7 +13,8 @@ megaquant patches the operand positions it resolved *by name*:
 Exit status: 0 when Megatron fits and every TE function resolved (or TE is absent and not
 required); 1 when Megatron lacks something megaquant uses (named per symbol), when a TE
 function did not resolve (the error names the TE version, function, missing name and names
-found) or when TE is installed but fails to import; 2 for usage errors. ``--json`` prints one JSON object instead.
+found) or when TE is installed but fails to import; 2 for usage errors. ``--json`` prints one
+JSON object instead.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class TensorQuantizer(nn.Module):
         if fmt is None and mode != "off":
             raise ValueError(f"mode {mode!r} needs a format")
         if fmt is not None and not isinstance(fmt, QuantFormat):
-            raise TypeError(f"fmt must be a megaquant.formats.QuantFormat, got {type(fmt).__name__}")
+            raise TypeError(f"fmt must be a megaquant.formats.QuantFormat, got "
+                            f"{type(fmt).__name__}")
         self.fmt, self.mode = fmt, mode
         if mode == "calibrate":
             self.calibrator = MaxCalibrator(fmt) if fmt.needs_amax else None
@@ -155,7 +156,8 @@ class TensorQuantizer(nn.Module):
         elif self.amax.numel() == 1:
             amax = f"{self.amax.item():.4g}"
         else:
-            amax = f"[{self.amax.min().item():.4g}..{self.amax.max().item():.4g}] x{self.amax.numel()}"
+            lo, hi = self.amax.min().item(), self.amax.max().item()
+            amax = f"[{lo:.4g}..{hi:.4g}] x{self.amax.numel()}"
         return f"{self.fmt}, mode={self.mode}, amax={amax}"
 
 

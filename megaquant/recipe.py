@@ -183,7 +183,8 @@ class Recipe:
             raise ValueError(f"recipe {name!r}: 'rules' must be a non-empty list")
         return cls(
             name=name,
-            rules=tuple(Rule.from_dict(r, f"recipe {name!r} rules[{i}]") for i, r in enumerate(rules)),
+            rules=tuple(Rule.from_dict(r, f"recipe {name!r} rules[{i}]")
+                        for i, r in enumerate(rules)),
             exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
             description=d.get("description", ""),
             calib=CalibConfig.from_dict(d.get("calib"), f"recipe {name!r} calib"),

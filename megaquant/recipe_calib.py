@@ -206,7 +206,7 @@ class CalibConfig:
 
 
 def check_recipe_roles(calib: CalibConfig, roles: list[tuple[str, object]]) -> None:
-    """Config-time check that every step of ``calib`` suits the recipe's (role, QuantizerConfig)s."""
+    """Config-time check that every step of ``calib`` suits the recipe's (role, config) pairs."""
     for step in calib.steps:
         algo = get_algorithm(step.algorithm)
         if algo is None:

@@ -113,7 +113,7 @@ def _clip(layer, h_full: torch.Tensor, s_full: torch.Tensor, opts: Options):
 
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
-    layers = [(n, l) for n, l in quant_linears(model) if producer_of(model, n) is not None]
+    layers = [(n, m) for n, m in quant_linears(model) if producer_of(model, n) is not None]
     bar = progress(layers, "awq")
     pins = {}
     for part in chunks(layers, opts.layers_per_pass):

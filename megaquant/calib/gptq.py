@@ -109,7 +109,8 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64), or None."""
     if not torch.isfinite(h).all():  # the factorisation reads one triangle only: check all
         return None
-    h = h.double() + damp * torch.diag(h).mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    h = h.double() + damp * torch.diag(h).mean().double() * eye
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() != 0 or not torch.isfinite(lower).all():
         return None

@@ -111,8 +111,8 @@ def _search(layer, w: torch.Tensor, full: bool, x_amax, w_col, x: torch.Tensor, 
 
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
-    layers = [(n, l) for n, l in quant_linears(model)
-              if l.input_quantizer.is_enabled and producer_of(model, n) is not None]
+    layers = [(n, m) for n, m in quant_linears(model)
+              if m.input_quantizer.is_enabled and producer_of(model, n) is not None]
     bar = progress(layers, "smoothquant")
     stride = opts.sample_stride if opts.search else 0
     for part in chunks(layers, opts.layers_per_pass):

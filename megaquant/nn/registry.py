@@ -22,7 +22,8 @@ QUANT_MODULES: dict[type, type] = {}
 def register_quant_module(src_cls: type, quant_cls: type) -> None:
     """Convert modules of exact type ``src_cls`` to ``quant_cls`` (a subclass with the mixin)."""
     if not (issubclass(quant_cls, src_cls) and issubclass(quant_cls, QuantModuleMixin)):
-        raise TypeError(f"{quant_cls.__name__} must subclass {src_cls.__name__} and QuantModuleMixin")
+        raise TypeError(f"{quant_cls.__name__} must subclass {src_cls.__name__} and "
+                        "QuantModuleMixin")
     QUANT_MODULES[src_cls] = quant_cls
 
 

@@ -8,8 +8,8 @@ found by parameter name in the original function's signature. Constructors are t
 ``(output, bias)`` like the parents.
 
 ``TE_WRAPPERS`` pairs each Megatron TE class with its quantized subclass for in-place conversion
-(:func:`megaquant.nn.registry.register_builtins` registers them). Building or converting a layer resolves the
-operand positions against the installed TE, so an unsupported TE fails right there.
+(:func:`megaquant.nn.registry.register_builtins` registers them). Building or converting a layer
+resolves the operand positions against the installed TE, so an unsupported TE fails right there.
 
 This module imports TE-dependent Megatron modules at the top: only import it where
 ``transformer_engine`` imports (``megaquant.nn.registry.register_builtins`` does the check).

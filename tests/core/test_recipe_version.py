@@ -5,8 +5,14 @@ import json
 import pytest
 import yaml
 
-from megaquant.recipe import (RECIPE_DIR, RECIPE_VERSION, Recipe, available_recipes,
-                              canonical_recipe, load_recipe)
+from megaquant.recipe import (
+    RECIPE_DIR,
+    RECIPE_VERSION,
+    Recipe,
+    available_recipes,
+    canonical_recipe,
+    load_recipe,
+)
 from megaquant.train.state import check_compatible
 
 
@@ -29,7 +35,8 @@ def test_recipe_version_unversioned_is_version_1_and_upgrades():
 @pytest.mark.parametrize("version", [0, 3, "2"])
 def test_recipe_version_unknown_is_refused_naming_the_readable_ones(version):
     d = {"name": "t", "version": version, "rules": [{"modules": "*", "weight": {"format": "fp8"}}]}
-    with pytest.raises(ValueError, match=rf"unknown recipe version .*versions 1\.\.{RECIPE_VERSION}"):
+    with pytest.raises(ValueError,
+                       match=rf"unknown recipe version .*versions 1\.\.{RECIPE_VERSION}"):
         load_recipe(d)
 
 
