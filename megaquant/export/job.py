@@ -42,8 +42,8 @@ def resolve_tokenizer(choice: str, arch_name: str):
     if choice in ("none", None):
         return None
     if choice == "smollm2":
-        from megaquant.models.gguf import read_gguf_metadata
-        from megaquant.models.smollm2 import smollm2_gguf_path
+        from megaquant.demo.gguf import read_gguf_metadata
+        from megaquant.demo.smollm2 import smollm2_gguf_path
         from megaquant.tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path()))

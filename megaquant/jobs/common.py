@@ -49,8 +49,8 @@ def tokenizer_from_source(source: str):
     if source == "bytes":
         return ByteTokenizer()
     if source == "smollm2":
-        from megaquant.models.gguf import read_gguf_metadata
-        from megaquant.models.smollm2 import smollm2_gguf_path
+        from megaquant.demo.gguf import read_gguf_metadata
+        from megaquant.demo.smollm2 import smollm2_gguf_path
         from megaquant.tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path()))
@@ -70,7 +70,7 @@ def load_model_source(model_cfg: dict) -> LoadedModel:
         arch = GPTConfig.from_dict({**model_cfg["arch"], "seq_length": seq, "name": "random GPT"})
         return LoadedModel(arch, None, ByteTokenizer())
     if source == "smollm2":
-        from megaquant.models.smollm2 import load_smollm2
+        from megaquant.demo.smollm2 import load_smollm2
 
         arch, hf_state, tok = load_smollm2()
         return LoadedModel(_arch(arch, seq, "SmolLM2-135M"), hf_state, tok, None, "smollm2")

@@ -1,0 +1,10 @@
+"""Compatibility shim (one release): the embedded SmolLM2 moved to :mod:`megaquant.demo.smollm2`.
+
+This name is an alias of the new module (same object), so attribute reads and test patches
+reach the real one.
+"""
+
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("megaquant.demo.smollm2")
