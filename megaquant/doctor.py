@@ -76,7 +76,7 @@ def _from_source(root: str) -> dict[str, Any]:
 
 def _from_live() -> dict[str, Any]:
     """Resolve every target from the TE imported in this process."""
-    from megaquant.te.live import resolve_live, te_version  # noqa: PLC0415
+    from megaquant.te.live import resolve_live, te_version
 
     functions = {t.function: resolve_live(t).describe() for t in TARGETS}
     return {"source": "live", "version": te_version(), "functions": functions}

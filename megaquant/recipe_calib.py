@@ -9,7 +9,7 @@ algorithms. Each algorithm has here what a recipe needs to validate it at config
 
 The passes themselves live in :mod:`megaquant.calib` (``mse``, ``smoothquant``, ``awq``,
 ``gptq``), dispatched by :mod:`megaquant.calib.passes`. A new algorithm adds its options and
-check here and its ``run`` there (``tests/calib/test_calib_config.py`` checks both lists agree).
+check here and its ``run`` there (``tests/calib/test_calib_registry.py`` checks both agree).
 """
 
 from __future__ import annotations

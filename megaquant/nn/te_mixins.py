@@ -141,7 +141,7 @@ class QuantTELayerNormLinearMixin(_QuantTEMixin):
         """Norm, quantize, then the column-parallel GEMM with Megatron's TP mappings."""
         ln_out = self.input_quantizer(self._norm(x))
         if self.tp_size > 1:
-            from megatron.core.tensor_parallel import mappings  # noqa: PLC0415
+            from megatron.core.tensor_parallel import mappings
 
             group = self._tp_group
             ln_out = (

@@ -26,7 +26,7 @@ def te_version() -> str:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    import transformer_engine  # noqa: PLC0415 - only reached where TE is importable
+    import transformer_engine  # only reached where TE is importable
 
     return str(getattr(transformer_engine, "__version__", "unknown"))
 
