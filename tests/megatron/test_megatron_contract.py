@@ -19,19 +19,20 @@ SUPPORTED_RELEASES = [v for v in RELEASES if v in SpecifierSet(SUPPORTED)]
 
 
 def referenced_megatron_names() -> set[str]:
-    """Every megatron.* module/name megaquant's code imports, or reads off an imported module."""
+    """Every megatron.core module/name megaquant's code imports, or reads off an imported module
+    (Megatron-Bridge names, ``megatron.bridge``, belong to the Bridge contract in integrations/)."""
     uses = set()
     for path in (ROOT / "megaquant").rglob("*.py"):
         tree = ast.parse(path.read_text())
         aliases = {}
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megatron"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megatron.core"):
                 for a in node.names:
                     uses.add(f"{node.module}.{a.name}")
                     aliases[a.asname or a.name] = f"{node.module}.{a.name}"
             elif isinstance(node, ast.Import):
                 for a in node.names:
-                    if a.name.startswith("megatron"):
+                    if a.name.startswith("megatron.core"):
                         uses.add(a.name)
                         aliases[a.asname or a.name] = a.name
         for node in ast.walk(tree):
