@@ -1,10 +1,10 @@
-"""In-place conversion of a built model, and the registry of quantized wrappers.
+"""In-place conversion of a built model.
 
-The registry is one dict: exact parent type -> quantized subclass. Conversion swaps the class of
-each registered module (``module.__class__ = QuantCls``) and creates its quantizers; parameters,
-buffers, devices and hooks are the module's own and stay where they are. Lookup is by exact type
-so that a user's subclass of ``ColumnParallelLinear`` is reported as skipped rather than silently
-given a forward that may not match it; register it explicitly to convert it.
+Conversion swaps the class of each module registered in :mod:`megaquant.nn.registry` (exact
+parent type -> quantized subclass: ``module.__class__ = QuantCls``) and creates its quantizers;
+parameters, buffers, devices and hooks are the module's own and stay where they are. A user's
+subclass of ``ColumnParallelLinear`` is reported as skipped; register it with
+:func:`register_quant_module` to convert it.
 
 After conversion :func:`apply_recipe` sets every quantizer's format and mode from the recipe
 rules. Both steps report what they did in a :class:`ConversionReport`.
@@ -12,48 +12,19 @@ rules. Both steps report what they did in a :class:`ConversionReport`.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from megaquant.nn.base import QuantModuleMixin
+from megaquant.nn.registry import (  # noqa: F401  (have_te, register_quant_module: public here)
+    QUANT_MODULES,
+    have_te,
+    register_builtins,
+    register_quant_module,
+)
 from megaquant.quantizer import TensorQuantizer
 from megaquant.recipe import ROLES, Recipe
-
-QUANT_MODULES: dict[type, type] = {}
-
-
-def register_quant_module(src_cls: type, quant_cls: type) -> None:
-    """Convert modules of exact type ``src_cls`` to ``quant_cls`` (a subclass with the mixin)."""
-    if not (issubclass(quant_cls, src_cls) and issubclass(quant_cls, QuantModuleMixin)):
-        raise TypeError(f"{quant_cls.__name__} must subclass {src_cls.__name__} and QuantModuleMixin")
-    QUANT_MODULES[src_cls] = quant_cls
-
-
-def have_te() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def register_builtins() -> None:
-    """Register megaquant's wrappers: the local linears always, the TE ones when TE is installed.
-
-    An installed TE that fails to import is an error (re-raised with context), never skipped.
-    """
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    from megaquant.nn.local import QuantColumnParallelLinear, QuantRowParallelLinear
-
-    register_quant_module(ColumnParallelLinear, QuantColumnParallelLinear)
-    register_quant_module(RowParallelLinear, QuantRowParallelLinear)
-    if have_te():
-        try:
-            import megaquant.nn.te_layers  # noqa: F401  (registers the TE wrappers at import)
-        except Exception as e:  # a broken TE raises RuntimeError, not ImportError
-            raise ImportError(
-                "transformer_engine is installed but megaquant's TE wrappers failed to import; "
-                "fix it, or uninstall transformer-engine (CPU machines must not have it)"
-            ) from e
 
 
 @dataclass

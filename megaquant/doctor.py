@@ -1,16 +1,20 @@
-"""``megaquant doctor``: what this machine runs, and whether megaquant can patch its TE.
+"""``megaquant doctor``: what this machine runs, and whether megaquant fits its Megatron and TE.
 
-Run it first after upgrading Transformer Engine. It prints the versions of torch, megatron-core,
-Transformer Engine and hydra-core, then for each TE autograd function megaquant patches the
-operand positions it resolved *by name*:
+Run it first after upgrading megatron-core or Transformer Engine. It prints the versions of
+torch, megatron-core, Transformer Engine and hydra-core; then whether the installed megatron-core
+(or a tree given with ``--megatron-src DIR``) has every symbol and signature megaquant uses
+(:mod:`megaquant.megatron.contract`, read with ``ast``); then for each TE autograd function
+megaquant patches the operand positions it resolved *by name*:
 
 * from the live functions when TE imports here (GPU machines);
 * from a TE source tree with ``--te-src DIR`` (an unzipped ``transformer-engine`` wheel or a
   checkout), read with ``ast`` and never imported (CPU machines, CI).
 
-Exit status: 0 when every function resolved (or TE is absent and not required), 1 when one did
-not (the error names the TE version, function, missing name and names found) or when TE is
-installed but fails to import, 2 for usage errors. ``--json`` prints one JSON object instead.
+Exit status: 0 when Megatron fits and every TE function resolved (or TE is absent and not
+required); 1 when Megatron lacks something megaquant uses (named per symbol), when a TE
+function did not resolve (the error names the TE version, function, missing name and names
+found) or when TE is installed but fails to import; 2 for usage errors. ``--json`` prints one
+JSON object instead.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import platform
 import sys
 from typing import Any
 
+from megaquant.megatron import contract
 from megaquant.te.signatures import FunctionSignature, TESignatureError, resolve
 from megaquant.te.source import read_tree
 from megaquant.te.targets import TARGETS
@@ -71,15 +76,34 @@ def _from_source(root: str) -> dict[str, Any]:
 
 def _from_live() -> dict[str, Any]:
     """Resolve every target from the TE imported in this process."""
-    from megaquant.te.live import resolve_live, te_version  # noqa: PLC0415
+    from megaquant.te.live import resolve_live, te_version
 
     functions = {t.function: resolve_live(t).describe() for t in TARGETS}
     return {"source": "live", "version": te_version(), "functions": functions}
 
 
-def collect(te_src: str | None, require_te: bool) -> dict[str, Any]:
+def _megatron(src: str | None, version: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The Megatron contract checked against ``src`` or the installed tree."""
+    root = src or contract.installed_tree()
+    if root is None:
+        return {"source": None}, ["megatron-core is not installed (pip install megaquant)"]
+    from packaging.specifiers import SpecifierSet
+
+    label = f"ast:{src}" if src else f"installed {version}"
+    found = contract.problems(contract.read_release(root), src or version)
+    if not src and version and version not in SpecifierSet(contract.SUPPORTED):
+        found.insert(0, f"megatron-core {version} is outside the supported range "
+                        f"{contract.SUPPORTED} (tests/fixtures/megatron_api.json)")
+    return {"source": label, "supported": contract.SUPPORTED, "symbols": len(contract.CONTRACT),
+            "problems": found}, found
+
+
+def collect(te_src: str | None, require_te: bool,
+            megatron_src: str | None = None) -> dict[str, Any]:
     """The whole report as a dict; ``errors`` lists what makes the exit status non-zero."""
     report: dict[str, Any] = {"versions": installed_versions(), "te": [], "errors": []}
+    report["megatron"], errors = _megatron(megatron_src, report["versions"]["megatron-core"])
+    report["errors"] += errors
     sources = [("ast", te_src)] if te_src else []
     if importlib.util.find_spec("transformer_engine") is not None:
         sources.append(("live", None))
@@ -123,8 +147,14 @@ def format_text(report: dict[str, Any]) -> str:
     lines = ["versions:"]
     for name, version in report["versions"].items():
         lines.append(f"  {name:20s} {version or 'absent'}")
+    mc = report.get("megatron", {})
+    if mc.get("source"):
+        state = "fits" if not mc["problems"] else f"{len(mc['problems'])} problem(s)"
+        lines.append(f"megatron-core ({mc['source']}): {state} ({mc['symbols']} symbols checked, "
+                     f"supported {mc['supported']})")
     if not report["te"] and not report["errors"]:
-        lines.append("transformer-engine: absent (nothing to patch; pass --te-src DIR to check a tree)")
+        lines.append("transformer-engine: absent (nothing to patch; pass --te-src DIR to check "
+                     "a tree)")
     for te in report["te"]:
         lines.append(f"TE {te['version']} ({te['source']}):")
         for fn, info in te["functions"].items():
@@ -145,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--te-src", metavar="DIR",
                         help="TE source tree (unzipped transformer-engine wheel) read with ast")
+    parser.add_argument("--megatron-src", metavar="DIR",
+                        help="directory holding a megatron/ package (an unzipped "
+                             "megatron-core wheel) to check instead of the installed one")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--require-te", action="store_true",
                         help="fail when TE is not installed (and no --te-src is given)")
     args = parser.parse_args(argv)
-    report = collect(args.te_src, args.require_te)
+    report = collect(args.te_src, args.require_te, args.megatron_src)
     report["ok"] = not report["errors"]
     print(json.dumps(report, indent=1) if args.json else format_text(report))
     return 0 if report["ok"] else 1

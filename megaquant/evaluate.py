@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from megaquant.util import is_rank0
+
 
 def _my_batches(batches: Sequence[Tensor], dp_group) -> list[Tensor]:
     rank, size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
@@ -29,8 +31,7 @@ def _my_batches(batches: Sequence[Tensor], dp_group) -> list[Tensor]:
 
 def _progress(items: list, desc: str):
     # One bar for the job, not one per rank.
-    show = not dist.is_initialized() or dist.get_rank() == 0
-    return tqdm(items, desc=desc, disable=not show, leave=False)
+    return tqdm(items, desc=desc, disable=not is_rank0(), leave=False)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

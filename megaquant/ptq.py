@@ -6,10 +6,11 @@ from typing import Callable
 
 from torch import nn
 
-from megaquant.calib.algorithms import CalibConfig, apply_pins, check_recipe_roles, run_algorithm
 from megaquant.calib.calibrate import calibrate
+from megaquant.calib.passes import apply_pins, run_algorithm
 from megaquant.convert import ConversionReport, apply_recipe, convert_model
 from megaquant.recipe import Recipe, load_recipe
+from megaquant.recipe_calib import CalibConfig, check_recipe_roles
 
 
 def quantize(
@@ -32,7 +33,7 @@ def quantize(
 
     ``calib`` overrides the recipe's ``calib:`` section (``"gptq"``, ``{"algorithm": "awq",
     "grid": 10}``; ``"max"`` for plain round-to-nearest). The algorithm runs before max
-    calibration and may rewrite weights and norms (:mod:`megaquant.calib.algorithms`); the amax
+    calibration and may rewrite weights and norms (:mod:`megaquant.calib.passes`); the amax
     values it rounded with are stored after max calibration.
 
     ``share_expert_inputs``: give all routed experts one input amax (the max over every expert

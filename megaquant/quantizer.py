@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from megaquant.calib.max import MaxCalibrator
+from megaquant.calibrator import MaxCalibrator
 from megaquant.formats import QuantFormat
 
 MODES = ("off", "calibrate", "static", "dynamic")
@@ -40,7 +40,9 @@ class TensorQuantizer(nn.Module):
         self.calibrator: MaxCalibrator | None = None
         self.name = ""  # set by megaquant.convert for error messages; not state
         self._collected = 0  # batches seen while calibrating
-        self._first_nonfinite: int | None = None  # 1-based index of the first bad batch
+        # 1-based index of the first batch whose statistic was non-finite (0: none), kept on
+        # the calibrator's device so that checking costs no host sync per batch.
+        self._first_nonfinite: torch.Tensor | None = None
         if fmt is not None:
             self.configure(fmt, mode)
         elif mode != "off":
@@ -54,7 +56,8 @@ class TensorQuantizer(nn.Module):
         if fmt is None and mode != "off":
             raise ValueError(f"mode {mode!r} needs a format")
         if fmt is not None and not isinstance(fmt, QuantFormat):
-            raise TypeError(f"fmt must be a megaquant.formats.QuantFormat, got {type(fmt).__name__}")
+            raise TypeError(f"fmt must be a megaquant.formats.QuantFormat, got "
+                            f"{type(fmt).__name__}")
         self.fmt, self.mode = fmt, mode
         if mode == "calibrate":
             self.calibrator = MaxCalibrator(fmt) if fmt.needs_amax else None
@@ -90,19 +93,27 @@ class TensorQuantizer(nn.Module):
 
         Raising here would leave the other ranks of a parallel job blocked in their next
         collective; instead the batch index is remembered and every rank raises together after
-        the calibration loop (see megaquant.calib.sync.check_finite).
+        the calibration loop (see megaquant.calib.sync.check_finite), which reads the index
+        once per quantizer.
         """
         self._collected += 1
         if self.calibrator is None:
             return
         self.calibrator.collect(x)
-        amax = self.calibrator.compute_amax()
-        if self._first_nonfinite is None and not bool(torch.isfinite(amax).all()):
-            self._first_nonfinite = self._collected
+        finite = torch.isfinite(self.calibrator.compute_amax()).all()
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.zeros((), dtype=torch.int64, device=finite.device)
+        # Device-side "first bad batch": no .item() here, one read after the loop.
+        unset = self._first_nonfinite == 0
+        self._first_nonfinite = torch.where(unset & ~finite, self._collected,
+                                            self._first_nonfinite)
 
     @property
     def first_nonfinite_batch(self) -> int | None:
-        return self._first_nonfinite
+        """The 1-based index of the first non-finite batch, or None (reads the device once)."""
+        if self._first_nonfinite is None:
+            return None
+        return int(self._first_nonfinite) or None
 
     def calib_amax(self) -> torch.Tensor | None:
         """The calibrator's current statistic, or None when it saw nothing."""
@@ -155,7 +166,8 @@ class TensorQuantizer(nn.Module):
         elif self.amax.numel() == 1:
             amax = f"{self.amax.item():.4g}"
         else:
-            amax = f"[{self.amax.min().item():.4g}..{self.amax.max().item():.4g}] x{self.amax.numel()}"
+            lo, hi = self.amax.min().item(), self.amax.max().item()
+            amax = f"[{lo:.4g}..{hi:.4g}] x{self.amax.numel()}"
         return f"{self.fmt}, mode={self.mode}, amax={amax}"
 
 

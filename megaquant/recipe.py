@@ -32,7 +32,6 @@ at config time, naming the valid combinations.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,9 @@ from typing import Any
 
 import yaml
 
-from megaquant.calib.algorithms import CalibConfig, check_recipe_roles
 from megaquant.formats import QuantFormat, get_format
+from megaquant.recipe_calib import CalibConfig, check_recipe_roles
+from megaquant.strict import check_keys
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ROLES = ("input", "weight", "output")
@@ -49,24 +49,57 @@ AMAX_MODES = ("static", "dynamic")
 DEFAULT_EXCLUDE = ["*output_layer*", "*router*"]
 
 
-def _check_keys(d: dict, cls, where: str) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+# ---------------------------------------------------------------------------- schema versions
+# A recipe is stored in every checkpoint it made, and checkpoints compare recipes. Each change
+# of the schema bumps RECIPE_VERSION and adds an upgrade from the previous version, so a recipe
+# saved by an older megaquant still loads (and compares equal to its upgraded spelling).
+#   1: the schema before versions (no ``version`` key)
+#   2: ``version`` key added; nothing else changed
+RECIPE_VERSION = 2
+
+
+def _v1_to_v2(d: dict) -> dict:
+    return {**d, "version": 2}
+
+
+_UPGRADES = {1: _v1_to_v2}  # version -> function returning the next version's mapping
+
+
+def upgrade(d: dict) -> dict:
+    """A recipe mapping of any known version, rewritten to the current schema."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a recipe must be a mapping, got {type(d).__name__}")
+    version = d.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= RECIPE_VERSION:
+        raise ValueError(f"recipe {d.get('name', 'custom')!r}: unknown recipe version "
+                         f"{version!r}; this megaquant reads versions 1..{RECIPE_VERSION} "
+                         "(a newer megaquant wrote it: upgrade megaquant)")
+    while version < RECIPE_VERSION:
+        d = _UPGRADES[version](d)
+        version += 1
+    return d
+
+
+def canonical_recipe(recipe: "dict | None") -> "dict | None":
+    """``recipe`` parsed, upgraded and written back with every default: the form to compare."""
+    return None if recipe is None else load_recipe(recipe).to_dict()
 
 
 @dataclass(frozen=True)
 class QuantizerConfig:
-    """How one tensor role is quantized: a format, its options, and static or dynamic amax."""
+    """How one tensor role is quantized: a format, its options, and its quantizer mode.
+
+    ``mode`` is the recipe key ``amax``: ``static`` (calibrated once) or ``dynamic`` (from each
+    tensor), the :class:`~megaquant.quantizer.TensorQuantizer` mode the role runs in.
+    """
 
     format: str
-    amax: str = "static"
+    mode: str = "static"
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.amax not in AMAX_MODES:
-            raise ValueError(f"amax must be one of {AMAX_MODES}, got {self.amax!r}")
+        if self.mode not in AMAX_MODES:
+            raise ValueError(f"amax must be one of {AMAX_MODES}, got {self.mode!r}")
         self.build_format()  # validates the format name and its options now, not mid-run
 
     @classmethod
@@ -74,21 +107,17 @@ class QuantizerConfig:
         if not isinstance(d, dict) or "format" not in d:
             raise ValueError(f"{where}: expected a mapping with a 'format' key, got {d!r}")
         d = dict(d)
-        fmt, amax = d.pop("format"), d.pop("amax", "static")
+        fmt, mode = d.pop("format"), d.pop("amax", "static")
         try:
-            return cls(format=fmt, amax=amax, options=d)
+            return cls(format=fmt, mode=mode, options=d)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from e
 
+    def to_dict(self) -> dict:
+        return {"format": self.format, "amax": self.mode, **self.options}
+
     def build_format(self) -> QuantFormat:
         return get_format(self.format, **self.options)
-
-    @property
-    def mode(self) -> str:
-        return self.amax
-
-
-_UNSET = object()  # a role a rule does not mention (as opposed to null: turn it off)
 
 
 @dataclass(frozen=True)
@@ -118,6 +147,10 @@ class Rule:
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.modules)
 
+    def to_dict(self) -> dict:
+        roles = {r: None if c is None else c.to_dict() for r, c in self.roles.items()}
+        return {"modules": list(self.modules), **roles}
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -128,6 +161,7 @@ class Recipe:
     exclude: tuple[str, ...] = tuple(DEFAULT_EXCLUDE)
     description: str = ""
     calib: CalibConfig = field(default_factory=CalibConfig)
+    version: int = RECIPE_VERSION
 
     def __post_init__(self):
         if not isinstance(self.calib, CalibConfig):
@@ -141,18 +175,27 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        _check_keys(d, cls, "recipe")
+        d = upgrade(d)
+        check_keys(d, cls, "recipe")
         name = d.get("name", "custom")
         rules = d.get("rules")
         if not rules:
             raise ValueError(f"recipe {name!r}: 'rules' must be a non-empty list")
         return cls(
             name=name,
-            rules=tuple(Rule.from_dict(r, f"recipe {name!r} rules[{i}]") for i, r in enumerate(rules)),
+            rules=tuple(Rule.from_dict(r, f"recipe {name!r} rules[{i}]")
+                        for i, r in enumerate(rules)),
             exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
             description=d.get("description", ""),
             calib=CalibConfig.from_dict(d.get("calib"), f"recipe {name!r} calib"),
         )
+
+    def to_dict(self) -> dict:
+        """The recipe in the current schema, every default spelled out (what checkpoints store
+        and compare: two spellings of one recipe give the same dict)."""
+        return {"version": self.version, "name": self.name, "description": self.description,
+                "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude),
+                "calib": self.calib.to_dict()}
 
     def is_excluded(self, name: str) -> str | None:
         """The exclude pattern that matches ``name``, or None."""
@@ -165,19 +208,6 @@ class Recipe:
             if rule.matches(name):
                 out.update(rule.roles)
         return out
-
-    @property
-    def needs_calibration_data(self) -> bool:
-        """Whether a forward loop is needed: a static activation/output quantizer with an amax,
-        or a calibration algorithm that reads activations (SmoothQuant, AWQ, GPTQ)."""
-        if self.calib.needs_data:
-            return True
-        return any(
-            cfg is not None and cfg.amax == "static" and cfg.build_format().needs_amax
-            for rule in self.rules
-            for role, cfg in rule.roles.items()
-            if role != "weight"
-        )
 
 
 def available_recipes() -> list[str]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 
-from megaquant.convert import have_te
 from megaquant.nn.local import QuantColumnParallelLinear, QuantRowParallelLinear
+from megaquant.nn.registry import have_te
 
 BACKENDS = ("auto", "local", "te")
 

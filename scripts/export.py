@@ -11,16 +11,17 @@ Config: configs/export.yaml; formats and names: docs/export.md.
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from megaquant.export.job import ExportConfig, run
+from megaquant.jobs.schema import register_schemas, validate
+
+register_schemas()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("hydra", None)
-    run(ExportConfig.from_dict(values))
+    run(ExportConfig.from_dict(validate(cfg, "export")))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, 
         # Plain pickle bytes, not torch's shared-memory tensor passing: the child may exit
         # before the parent reads the queue.
         out.put((rank, True, pickle.dumps(fn(*args))))
-    except BaseException:  # report everything, the parent decides
+    except BaseException:  # noqa: BLE001 - report everything, the parent decides
         out.put((rank, False, traceback.format_exc()))
     finally:
         import torch.distributed as dist

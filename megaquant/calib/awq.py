@@ -48,42 +48,24 @@ Parallel rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from megaquant.calib.algorithms import (all_gather_cat, all_reduce, capture_inputs, chunks,
-                                        group_size, is_row_parallel, progress, quant_linears,
-                                        weight_amax)
+from megaquant.calib.capture import (
+    all_gather_cat,
+    all_reduce,
+    capture_inputs,
+    chunks,
+    group_size,
+    is_row_parallel,
+    progress,
+    quant_linears,
+    weight_amax,
+)
 from megaquant.calib.fold import fold_input_scale, producer_of
 from megaquant.calib.mse import search_block_clip
 from megaquant.calib.sync import SyncItem, tp_reduced
-
-NEEDS_DATA = True
-
-
-@dataclass(frozen=True)
-class Options:
-    grid: int = 20  # alpha candidates: k / grid for k in 0..grid-1
-    layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds Hessian memory
-    clip: bool = True  # then search a clip ratio per weight block (block formats)
-    clip_ratios: int = 11  # clip candidates in [clip_min, 1]
-    clip_min: float = 0.5
-
-    def __post_init__(self):
-        if self.grid < 1:
-            raise ValueError(f"awq grid must be >= 1, got {self.grid}")
-        if self.clip_ratios < 1 or not 0.0 < self.clip_min <= 1.0:
-            raise ValueError("awq needs clip_ratios >= 1 and 0 < clip_min <= 1")
-
-
-def check(roles) -> None:
-    if not any(r == "weight" and c is not None for r, c in roles):
-        raise ValueError("AWQ scales weights, but the recipe quantizes no weights")
-    if any(r == "input" and c is not None for r, c in roles):
-        raise ValueError("AWQ is for weight-only recipes (it assumes full-precision activations), "
-                         "but the recipe quantizes inputs; use smoothquant or gptq")
+from megaquant.recipe_calib import AWQOptions as Options
 
 
 def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -131,7 +113,7 @@ def _clip(layer, h_full: torch.Tensor, s_full: torch.Tensor, opts: Options):
 
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
-    layers = [(n, l) for n, l in quant_linears(model) if producer_of(model, n) is not None]
+    layers = [(n, m) for n, m in quant_linears(model) if producer_of(model, n) is not None]
     bar = progress(layers, "awq")
     pins = {}
     for part in chunks(layers, opts.layers_per_pass):

@@ -52,7 +52,8 @@ def _groups_for(layer, name: str, qname: str, role: str, owner, groups: dict) ->
     fields["dp_group"] = groups["expert_dp"] or getattr(experts, "dp_group", None)
     if fields["dp_group"] is None and groups["dp"] is not None:
         raise ValueError(f"{owner_name} ({type(experts).__name__}) does not say its expert-data-"
-                         "parallel group: pass calibrate(..., expert_dp_group=groups.expt_dp_group)")
+                         "parallel group: pass calibrate(..., "
+                         "expert_dp_group=groups.expt_dp_group)")
     if role != "weight":
         linear = name[len(owner_name):].lstrip(".").split(".")[-1]
         fields.update(ep_group=groups["ep"] or experts.ep_group,

@@ -56,7 +56,7 @@ class Producer:
 
 
 def producer_of(model: nn.Module, name: str) -> Producer | None:
-    """The :class:`Producer` of linear ``name``'s input, or None where nothing can absorb a scale."""
+    """The :class:`Producer` of linear ``name``'s input; None where nothing can absorb a scale."""
     parent, _, leaf = name.rpartition(".")
     block = parent.rpartition(".")[0]
     try:

@@ -37,31 +37,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megaquant.calib.algorithms import (all_gather_cat, capture_inputs, chunks, group_size,
-                                        is_row_parallel, progress, quant_linears, warn, weight_amax)
-
-NEEDS_DATA = True
-
-
-@dataclass(frozen=True)
-class Options:
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    block: int = 128  # lazy-update block (rounded up to a multiple of the format's block)
-    layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds memory
-
-    def __post_init__(self):
-        if self.damp < 0 or self.block < 1:
-            raise ValueError("gptq needs damp >= 0 and block >= 1")
-
-
-def check(roles) -> None:
-    if not any(r == "weight" and c is not None for r, c in roles):
-        raise ValueError("GPTQ rounds weights, but the recipe quantizes no weights")
+from megaquant.calib.capture import (
+    all_gather_cat,
+    capture_inputs,
+    chunks,
+    group_size,
+    is_row_parallel,
+    progress,
+    quant_linears,
+    warn,
+    weight_amax,
+)
+from megaquant.recipe_calib import GPTQOptions as Options
 
 
 class ColumnQuantizer:
@@ -118,7 +109,8 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64), or None."""
     if not torch.isfinite(h).all():  # the factorisation reads one triangle only: check all
         return None
-    h = h.double() + damp * torch.diag(h).mean().double() * torch.eye(h.shape[0], dtype=torch.float64)
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    h = h.double() + damp * torch.diag(h).mean().double() * eye
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() != 0 or not torch.isfinite(lower).all():
         return None

@@ -28,30 +28,11 @@ last partial block, as RTN does). Weights are identical over DP: no DP reduction
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from megaquant.calib.algorithms import all_reduce, progress, quant_linears, weight_amax
+from megaquant.calib.capture import all_reduce, progress, quant_linears, weight_amax
 from megaquant.calib.sync import SyncItem, tp_reduced
-
-NEEDS_DATA = False
-
-
-@dataclass(frozen=True)
-class Options:
-    ratios: int = 16  # candidates per search
-    min_ratio: float = 0.5  # smallest clip ratio tried
-    blocks: bool = True  # also search block clipping for block formats
-
-    def __post_init__(self):
-        if self.ratios < 1 or not 0.0 < self.min_ratio <= 1.0:
-            raise ValueError("mse needs ratios >= 1 and 0 < min_ratio <= 1")
-
-
-def check(roles) -> None:
-    if not any(r == "weight" and c is not None for r, c in roles):
-        raise ValueError("MSE search works on weight scales, but the recipe quantizes no weights")
+from megaquant.recipe_calib import MSEOptions as Options
 
 
 def candidate_ratios(opts: Options) -> list[float]:

@@ -47,41 +47,22 @@ Parallel rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from megaquant.calib.algorithms import (all_gather_cat, all_reduce, capture_inputs, chunks,
-                                        group_size, is_row_parallel, progress, quant_linears)
+from megaquant.calib.capture import (
+    all_gather_cat,
+    all_reduce,
+    capture_inputs,
+    chunks,
+    group_size,
+    is_row_parallel,
+    progress,
+    quant_linears,
+)
 from megaquant.calib.fold import fold_input_scale, producer_of
 from megaquant.calib.sync import SyncItem, tp_reduced
-
-NEEDS_DATA = True
-
-
-@dataclass(frozen=True)
-class Options:
-    alpha: float = 0.5  # migration strength in [0, 1] (the fixed value when search is off)
-    min_scale: float = 1e-5  # floor of s (a dead channel would otherwise divide by zero)
-    search: bool = False  # pick alpha per layer by the quantized output error
-    grid: int = 10  # search candidates: k / grid for k in 0..grid, plus s = 1
-    sample_stride: int = 4  # search on every k-th calibration token
-    layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds memory
-
-    def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"smoothquant alpha must be in [0, 1], got {self.alpha}")
-        if self.grid < 1 or self.sample_stride < 1:
-            raise ValueError("smoothquant needs grid >= 1 and sample_stride >= 1")
-
-
-def check(roles) -> None:
-    if not any(r == "input" and c is not None for r, c in roles):
-        raise ValueError("SmoothQuant smooths activations, but the recipe quantizes none "
-                         "(no 'input' quantizer); use awq or gptq for weight-only recipes")
-    if not any(r == "weight" and c is not None for r, c in roles):
-        raise ValueError("SmoothQuant moves range into the weights, but the recipe quantizes none")
+from megaquant.recipe_calib import SmoothQuantOptions as Options
 
 
 def smoothing_scale(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float,
@@ -130,8 +111,8 @@ def _search(layer, w: torch.Tensor, full: bool, x_amax, w_col, x: torch.Tensor, 
 
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
-    layers = [(n, l) for n, l in quant_linears(model)
-              if l.input_quantizer.is_enabled and producer_of(model, n) is not None]
+    layers = [(n, m) for n, m in quant_linears(model)
+              if m.input_quantizer.is_enabled and producer_of(model, n) is not None]
     bar = progress(layers, "smoothquant")
     stride = opts.sample_stride if opts.search else 0
     for part in chunks(layers, opts.layers_per_pass):

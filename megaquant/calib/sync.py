@@ -52,7 +52,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megaquant.nn.base import sharded_amax_axis
 from megaquant.quantizer import TensorQuantizer
+from megaquant.util import all_reduce_flat
 
 
 @dataclass
@@ -69,18 +71,6 @@ class SyncItem:
     ep_group: object = None  # routed experts' non-weight quantizers only
     pool_key: tuple | None = None  # (expert module, quantizer path): experts sharing a pool
     always_pooled: bool = False  # one quantizer for all local experts (grouped layers)
-
-
-def sharded_amax_axis(fmt, partition_axis: int | None, ndim: int) -> int | None:
-    """The axis along which an amax is split over TP (None: the amax is shared by the group).
-
-    Only a per-channel amax whose channel axis is the tensor's partition axis stays sharded.
-    Checkpointing (megaquant.nn.base) uses the same answer to describe the amax's shards.
-    """
-    axis = getattr(fmt, "axis", None)
-    if axis is None or partition_axis is None:
-        return None
-    return axis % ndim if axis % ndim == partition_axis % ndim else None
 
 
 def tp_reduced(item: SyncItem) -> bool:
@@ -101,48 +91,37 @@ def _local_amax(item: SyncItem) -> torch.Tensor:
     return item.quantizer.fmt.compute_amax(zeros)
 
 
-def _reduce_max(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """MAX-reduce a list of tensors with one collective (flatten, reduce, split back)."""
-    if not tensors or group is None or dist.get_world_size(group) == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
-
-
 def check_finite(items: list[SyncItem], group) -> None:
     """Raise on every rank if any rank saw a non-finite value (one collective, no hang).
 
-    Each quantizer contributes the 1-based index of its first bad batch (0 if none); after a MAX
-    over ``group`` (the whole job) every rank knows about every bad quantizer and raises the same
-    error, so no rank is left waiting in a collective.
+    Each quantizer contributes the 1-based index of its first bad batch (0 if none; read from
+    the device once per quantizer, after the loop); after a MAX over ``group`` (the whole job)
+    every rank knows about every bad quantizer and raises the same error, so no rank is left
+    waiting in a collective. Weight quantizers collect once, from the weight itself: their
+    message names the weight; the others name the calibration batch.
     """
     bad = torch.tensor([float(i.quantizer.first_nonfinite_batch or 0) for i in items])
     # group=None means the default group (the whole job), as for every torch collective.
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    hits = [(i.name, int(b)) for i, b in zip(items, bad.tolist()) if b > 0]
-    if hits:
-        shown = "; ".join(f"{name} at calibration batch {b}" for name, b in hits[:5])
-        more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
+    hits = [(i, int(b)) for i, b in zip(items, bad.tolist()) if b > 0]
+    weights = [i.name for i, _ in hits if i.role == "weight"]
+    acts = [f"{i.name} at calibration batch {b}" for i, b in hits if i.role != "weight"]
+    parts = []
+    if weights:
+        parts.append(f"non-finite weights (NaN/inf): {_first_five(weights)}")
+    if acts:
+        parts.append(f"non-finite activations (NaN/inf) during calibration: {_first_five(acts)}")
+    if parts:
         raise FloatingPointError(
-            f"non-finite activations (NaN/inf) during calibration: {shown}{more}. Check the model "
-            "weights and inputs in float32, or exclude these layers in the recipe."
+            f"{'; '.join(parts)}. Check the model weights and inputs in float32, or exclude "
+            "these layers in the recipe."
         )
 
 
-def sync_amax(items: list[SyncItem], tp_group, dp_group) -> list[torch.Tensor]:
-    """Synchronised amax per item, following the rules in the module docstring."""
-    amaxes = [_local_amax(i) for i in items]
-    tp_idx = [k for k, i in enumerate(items) if tp_reduced(i)]
-    reduced = _reduce_max([amaxes[k] for k in tp_idx], tp_group)
-    for k, r in zip(tp_idx, reduced):
-        amaxes[k] = r
-    return _reduce_max(amaxes, dp_group)
+def _first_five(names: list[str]) -> str:
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return "; ".join(names[:5]) + more
 
 
 def _reduce_by_group(amaxes: list, items: list[SyncItem], group_of) -> None:
@@ -154,7 +133,7 @@ def _reduce_by_group(amaxes: list, items: list[SyncItem], group_of) -> None:
         if group is not None:
             buckets.setdefault(id(group), (group, []))[1].append(k)
     for group, idx in buckets.values():
-        for k, r in zip(idx, _reduce_max([amaxes[k] for k in idx], group)):
+        for k, r in zip(idx, all_reduce_flat([amaxes[k] for k in idx], group)):
             amaxes[k] = r
 
 

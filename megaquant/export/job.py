@@ -7,11 +7,12 @@ This is the outermost layer: it alone sets up the (one-rank) process group.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from megaquant import strict
 
 log = logging.getLogger("megaquant.export")
 TOKENIZER_CHOICES = "auto | none | smollm2 | <directory with tokenizer.json>"
@@ -32,11 +33,7 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExportConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"export config: unknown key(s) {unknown}; valid keys: {valid}")
-        return cls(**d)
+        return strict.from_dict(cls, d, "export config")
 
 
 def resolve_tokenizer(choice: str, arch_name: str):
@@ -46,8 +43,8 @@ def resolve_tokenizer(choice: str, arch_name: str):
     if choice in ("none", None):
         return None
     if choice == "smollm2":
-        from megaquant.models.gguf import read_gguf_metadata
-        from megaquant.models.smollm2 import smollm2_gguf_path
+        from megaquant.demo.gguf import read_gguf_metadata
+        from megaquant.demo.smollm2 import smollm2_gguf_path
         from megaquant.tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path()))

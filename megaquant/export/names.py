@@ -51,7 +51,7 @@ LAYER_MAP: tuple[HFTarget, ...] = (
              ("model.layers.{n}.mlp.gate_proj", "model.layers.{n}.mlp.up_proj"), "halves"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.linear_fc2",
              ("model.layers.{n}.mlp.down_proj",), "none"),
-    # routed experts (EP, issue 5): E is the global expert index
+    # routed experts (EP): E is the global expert index
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc1",
              ("model.layers.{n}.mlp.experts.{e}.gate_proj", "model.layers.{n}.mlp.experts.{e}.up_proj"),
              "halves"),

@@ -98,9 +98,3 @@ def classify(layer_name: str, weight_q, input_q, output_q) -> str:
         raise ValueError(f"layer {layer_name}: the input quantizer is static but uncalibrated; "
                          "run calibration (megaquant.quantize with a forward_loop) first")
     return scheme
-
-
-def bits_of(scheme: str) -> tuple[int, int | None]:
-    """(weight bits, activation bits or None) of a scheme, for reports."""
-    return {"nvfp4": (4, 4), "nvfp4_w4a16": (4, None), "fp8": (8, 8), "fp8_per_channel": (8, 8),
-            "int8": (8, 8), "mxfp8": (8, 8), "mxfp4": (4, 4), "int4_w4a16": (4, None)}[scheme]

@@ -30,7 +30,7 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise ValueError(f"export target {target} exists and is not a directory; pick another path")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"export target {target} exists and is not empty; pass overwrite=true "
-                         "(export.overwrite=true) to replace it, or pick another path")
+                         "(scripts/export.py overwrite=true) to replace it, or pick another path")
 
 
 @contextlib.contextmanager

@@ -146,7 +146,7 @@ def run_kernel(kernel: Callable, x: Tensor, amax: Tensor | None, want_mask: bool
             try:
                 out, keep = _run_compiled(kernel, x, amax, want_mask, params)
                 return out, _as_bool(keep)
-            except Exception as err:  # compile errors surface at the first call
+            except Exception as err:  # noqa: BLE001 - compile errors surface at the first call
                 _failed.add(kernel)
                 warnings.warn(
                     f"megaquant: compiling {kernel.__name__} failed ({type(err).__name__}: {err}); "

@@ -8,8 +8,6 @@ fails fast everywhere instead of leaving some ranks waiting in a collective.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 from megaquant.models.gpt import GPTConfig
+from megaquant.util import is_rank0, write_json_atomic  # noqa: F401  (used by the jobs)
 
 MODEL_SOURCES = ("smollm2", "hf", "megatron", "random")
 
@@ -50,8 +49,8 @@ def tokenizer_from_source(source: str):
     if source == "bytes":
         return ByteTokenizer()
     if source == "smollm2":
-        from megaquant.models.gguf import read_gguf_metadata
-        from megaquant.models.smollm2 import smollm2_gguf_path
+        from megaquant.demo.gguf import read_gguf_metadata
+        from megaquant.demo.smollm2 import smollm2_gguf_path
         from megaquant.tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path()))
@@ -71,7 +70,7 @@ def load_model_source(model_cfg: dict) -> LoadedModel:
         arch = GPTConfig.from_dict({**model_cfg["arch"], "seq_length": seq, "name": "random GPT"})
         return LoadedModel(arch, None, ByteTokenizer())
     if source == "smollm2":
-        from megaquant.models.smollm2 import load_smollm2
+        from megaquant.demo.smollm2 import load_smollm2
 
         arch, hf_state, tok = load_smollm2()
         return LoadedModel(_arch(arch, seq, "SmolLM2-135M"), hf_state, tok, None, "smollm2")
@@ -145,11 +144,4 @@ def token_batches(path: Path, tokenizer, samples: int, seq_len: int, micro_batch
     return list(tokens.split(micro_batch))
 
 
-def is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+# is_rank0, write_json_atomic: imported above from megaquant.util (the jobs' names for them).

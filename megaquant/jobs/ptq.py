@@ -23,6 +23,7 @@ from megaquant.jobs.common import (
     token_batches,
     write_json_atomic,
 )
+from megaquant.jobs.schema import validate
 from megaquant.recipe import available_recipes, load_recipe
 
 log = logging.getLogger("megaquant.ptq")
@@ -77,9 +78,10 @@ def run(cfg: DictConfig) -> dict:
     from megaquant.megatron.dist import init_distributed, init_model_parallel
 
     t_start = time.perf_counter()
-    if "recipe" not in cfg:
+    if cfg.get("recipe") is None:
         raise ValueError("choose a recipe: +recipe=NAME, one of "
                          f"{available_recipes()}")
+    validate(cfg, "ptq")
     recipe = load_recipe(OmegaConf.to_container(cfg.recipe, resolve=True))
     calib_path = resolve_text(cfg.data.calib_text, "default_calib_text")
     eval_path = resolve_text(cfg.data.eval_text, "default_eval_text")
@@ -114,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.run.output_dir)
     summary = {
         "recipe": recipe.name,
-        "recipe_config": OmegaConf.to_container(cfg.recipe, resolve=True),
+        "recipe_config": recipe.to_dict(),  # versioned, defaults spelled out
         "model": {"source": cfg.model.source, "name": loaded.arch.name,
                   "arch": {k: v for k, v in vars(loaded.arch).items()}},
         "parallel": {"tp": groups.tp, "pp": groups.pp, "ep": groups.ep, "dp": groups.dp},

@@ -17,10 +17,22 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megaquant.jobs.common import is_rank0, load_model_source, resolve_text, token_batches, \
-    write_json_atomic
-from megaquant.train.config import (BatchConfig, DistillConfig, OptimConfig, TrainerConfig,
-                                    resolve_precision)
+from megaquant.jobs.common import (
+    is_rank0,
+    load_model_source,
+    resolve_text,
+    token_batches,
+    write_json_atomic,
+)
+from megaquant.jobs.schema import validate
+from megaquant.recipe import canonical_recipe
+from megaquant.train.config import (
+    BatchConfig,
+    DistillConfig,
+    OptimConfig,
+    TrainerConfig,
+    resolve_precision,
+)
 
 log = logging.getLogger("megaquant.qat")
 MODEL_KEYS_OWN = ("optim", "distill", "quantization", "init_from", "micro_batch_size",
@@ -36,8 +48,10 @@ def register_quantization_group() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
+    from megaquant.jobs.schema import register_schemas
     from megaquant.recipe import RECIPE_DIR
 
+    register_schemas()
     cs = ConfigStore.instance()
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         cs.store(group="model/quantization", name=path.stem, node=OmegaConf.load(path))
@@ -114,11 +128,16 @@ def run(cfg: DictConfig) -> dict:
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
-    from megaquant.train.state import (check_compatible, latest_checkpoint, load_train_state,
-                                       save_train_state)
+    from megaquant.train.state import (
+        check_compatible,
+        latest_checkpoint,
+        load_train_state,
+        save_train_state,
+    )
     from megaquant.train.step import StepContext
 
     t0 = time.perf_counter()
+    validate(cfg, "qat")
     model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
@@ -153,7 +172,8 @@ def run(cfg: DictConfig) -> dict:
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     optimizer = build_optimizer(model, optim)
     layout = {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep, "world_size": env.world_size}
-    meta = {"recipe": None if recipe is None else recipe.get("name"), "recipe_config": recipe,
+    meta = {"recipe": None if recipe is None else recipe.get("name"),
+            "recipe_config": canonical_recipe(recipe),
             "arch": dict(vars(loaded.arch)), "distill": vars(distill),
             "parallel": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep}}
     start = 0

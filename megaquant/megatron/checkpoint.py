@@ -12,7 +12,7 @@ old. A crash while writing leaves the previous checkpoint untouched; a crash bet
 renames (two system calls) leaves it at ``.<name>.old``, which ``load_checkpoint`` names in
 its error. All ranks must see the same filesystem (as ``dist_checkpointing`` requires).
 
-On CPU the save/load runs inside ``portable.cpu_checkpoint_stand_ins()`` (no-op
+On CPU the save/load runs inside ``cpu.device.cpu_checkpoint_stand_ins()`` (no-op
 ``torch.cuda.synchronize``, CPU ``current_device``); on GPU nothing is patched.
 """
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 import megaquant
-from megaquant.megatron.portable import cpu_checkpoint_stand_ins
+from megaquant.megatron.cpu.device import cpu_checkpoint_stand_ins
 
 METADATA_FILE = "megaquant.json"
 

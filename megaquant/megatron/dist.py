@@ -214,13 +214,14 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234)
     """Lay out tensor/pipeline/expert parallelism with Megatron and seed the RNGs.
 
     Call after ``init_distributed``. On a machine without CUDA this also turns on the CPU
-    runtime (``megaquant.megatron.portable.enable_cpu_runtime``) and seeds a CPU RNG tracker
+    runtime (``megaquant.megatron.cpu.device.enable_cpu_runtime``) and seeds a CPU RNG tracker
     in place of Megatron's CUDA one.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megaquant.megatron import portable
+    from megaquant.megatron.cpu.device import enable_cpu_runtime
+    from megaquant.megatron.cpu.rng import cpu_model_parallel_manual_seed
 
     if not dist.is_initialized():
         raise RuntimeError("call megaquant.megatron.dist.init_distributed() before "
@@ -249,9 +250,8 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234)
         torch.manual_seed(seed)  # same on all ranks: CPU-initialised weights must agree
         model_parallel_cuda_manual_seed(seed)
     else:
-        portable.enable_cpu_runtime()
-        portable.cpu_model_parallel_manual_seed(seed, tp_rank=tp_rank, ep_rank=ep_rank,
-                                                etp_rank=etp_rank)
+        enable_cpu_runtime()
+        cpu_model_parallel_manual_seed(seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank)
     return ParallelGroups(
         tp=tp, pp=pp, ep=ep, dp=ps.get_data_parallel_world_size(),
         tp_rank=tp_rank, pp_rank=ps.get_pipeline_model_parallel_rank(),
@@ -264,13 +264,3 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234)
         expt_dp_group=ps.get_expert_data_parallel_group(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )
-
-
-def destroy() -> None:
-    """Tear down Megatron's groups and the default group (safe to call twice)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -15,8 +15,9 @@ Mixture of experts: ``GPTConfig(num_moe_experts=E, ...)`` makes every layer's ML
 ``MoELayer`` (top-k router, ``SequentialMLP`` local experts built from the same backend linears,
 optional shared experts, allgather or alltoall token dispatch); see ``mlp_spec`` and docs/moe.md.
 
-On a machine without CUDA the core attention is ``megaquant.megatron.portable.SDPAttention``
-(Megatron's ``DotProductAttention`` is CUDA-only) and weights are initialised on the CPU.
+On a machine without CUDA the backend is wrapped in ``megaquant.megatron.cpu.CPUSpecProvider``
+(SDPA core attention, an SP-capable norm, CPU MoE pieces: Megatron's ``DotProductAttention`` is
+CUDA-only) and weights are initialised on the CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megaquant.megatron.cpu.device import enable_cpu_runtime
+from megaquant.megatron.cpu.norm import TorchNorm
+from megaquant.megatron.cpu.spec import CPUSpecProvider, for_this_machine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NORMS = ("RMSNorm", "LayerNorm")
@@ -225,26 +230,13 @@ def tiny_moe_config(**changes: Any) -> GPTConfig:
     return tiny_gpt_config(**base)
 
 
-def default_core_attention(backend: BackendSpecProvider) -> type:
-    """The backend's core attention on GPU; ``SDPAttention`` without CUDA."""
-    if torch.cuda.is_available():
-        return backend.core_attention()
-    from megaquant.megatron.portable import SDPAttention
-
-    return SDPAttention
-
-
 def backend_norm(backend: BackendSpecProvider, normalization: str) -> type:
     """The backend's norm, except Megatron's torch fallback (no apex/TE, e.g. on CPU), which
-    refuses sequence parallelism: ``portable.TorchNorm`` is the same math and allows it."""
+    refuses sequence parallelism: ``TorchNorm`` is the same math and allows it (on GPU too)."""
     if normalization not in _NORMS:
         raise ValueError(f"normalization must be one of {_NORMS}, got {normalization!r}")
     norm = backend.layer_norm(rms_norm=normalization == "RMSNorm", for_qk=False)
-    if norm is WrappedTorchNorm:
-        from megaquant.megatron.portable import TorchNorm
-
-        return TorchNorm
-    return norm
+    return TorchNorm if norm is WrappedTorchNorm else norm
 
 
 def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None, *,
@@ -254,8 +246,8 @@ def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None, *,
     MoE: a top-k router, ``SequentialMLP`` local experts (each an ``MLP`` whose linears are the
     backend's column/row-parallel linears, built with ``is_expert=True`` on the expert-TP
     group) and, with ``shared_experts``, a ``SharedExpertMLP`` on the same linears (quantized
-    like a dense MLP). Without CUDA the router and the MoE layer are the CPU twins from
-    ``megaquant.megatron.portable`` (same math; see its docstrings).
+    like a dense MLP). Under the CPU runtime the router and the MoE layer are the CPU twins
+    the ``CPUSpecProvider`` names (same math; see ``megaquant.megatron.cpu.moe``).
     """
     dense = MLPSubmodules(linear_fc1=backend.column_parallel_linear(),
                           linear_fc2=backend.row_parallel_linear())
@@ -267,10 +259,8 @@ def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None, *,
     from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
     layer, router = MoELayer, TopKRouter
-    if not torch.cuda.is_available():
-        from megaquant.megatron.portable import CPUMoELayer, CPUTopKRouter
-
-        layer, router = CPUMoELayer, CPUTopKRouter
+    if isinstance(backend, CPUSpecProvider):  # Megatron's providers have no MoE questions
+        layer, router = backend.moe_layer(), backend.moe_router()
     experts = ModuleSpec(module=SequentialMLP, submodules=dense)
     shared = ModuleSpec(module=SharedExpertMLP, submodules=dense) if shared_experts else None
     return ModuleSpec(module=layer, submodules=MoESubmodules(experts=experts,
@@ -282,17 +272,19 @@ def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] 
                    shared_experts: bool = False) -> ModuleSpec:
     """A pre-norm ``TransformerLayer`` spec whose every submodule comes from ``backend``.
 
-    ``core_attention`` overrides the attention kernel (default: ``default_core_attention``).
-    Norms are separate modules (no fused layernorm-linear), so each linear is a plain
+    ``core_attention`` overrides the attention kernel (default: the backend's). Without CUDA the
+    backend is wrapped in the CPU runtime's ``CPUSpecProvider`` (SDPA attention, an SP-capable
+    norm). Norms are separate modules (no fused layernorm-linear), so each linear is a plain
     column/row-parallel module a quantized provider can replace.
     """
+    backend = for_this_machine(backend)
     norm = backend_norm(backend, normalization)
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=backend.column_parallel_linear(),
-            core_attention=core_attention or default_core_attention(backend),
+            core_attention=core_attention or backend.core_attention(),
             linear_proj=backend.row_parallel_linear(),
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,
@@ -321,6 +313,7 @@ def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] 
 def gpt_block_spec(cfg: GPTConfig, backend: BackendSpecProvider,
                    core_attention: Optional[type] = None) -> TransformerBlockSubmodules:
     """All decoder layers plus the final norm, which must come from the same backend."""
+    backend = for_this_machine(backend)
     layer = gpt_layer_spec(backend, core_attention, normalization=cfg.normalization,
                            num_experts=cfg.num_moe_experts,
                            shared_experts=cfg.moe_shared_expert_intermediate_size is not None)
@@ -340,12 +333,10 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
     ``ep_size`` (MoE only) likewise from ``pg_collection.ep`` or the global EP group.
     """
     backend = backend or LocalSpecProvider()
-    if not torch.cuda.is_available():
-        # Rotary embeddings and TP mappings allocate on torch.cuda.current_device(); make sure
-        # the CPU stand-in is in place even if init_model_parallel was bypassed (idempotent).
-        from megaquant.megatron.portable import enable_cpu_runtime
-
-        enable_cpu_runtime()
+    # Without CUDA, rotary embeddings and TP mappings allocate on torch.cuda.current_device():
+    # make sure the CPU stand-in is on even if init_model_parallel was bypassed (idempotent;
+    # does nothing on a GPU machine).
+    enable_cpu_runtime()
     if tp_size is None:
         if pg_collection is not None:
             tp_size = pg_collection.tp.size()

@@ -89,7 +89,7 @@ def read_hf_llama(directory: str | Path, *, dtype: torch.dtype = torch.float32) 
     """(config dict with GPTConfig field names, HF-named state dict in ``dtype``).
 
     A tied checkpoint may still carry ``lm_head.weight``; it is dropped so that "tied" always means
-    "no lm_head.weight in the state dict", as for :func:`megaquant.models.gguf.read_gguf`.
+    "no lm_head.weight in the state dict", as for :func:`megaquant.demo.gguf.read_gguf`.
     """
     from safetensors.torch import load_file
 

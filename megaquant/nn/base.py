@@ -15,10 +15,22 @@ all off until a recipe configures them. Roles are read from the attribute names
 
 from __future__ import annotations
 
-from megaquant.calib.sync import sharded_amax_axis
 from megaquant.quantizer import TensorQuantizer
 
 ROLES = ("input", "weight", "output")
+
+
+def sharded_amax_axis(fmt, partition_axis: int | None, ndim: int) -> int | None:
+    """The axis along which an amax is split over TP (None: the amax is shared by the group).
+
+    Only a per-channel amax whose channel axis is the tensor's partition axis stays sharded.
+    Checkpointing (below) describes the amax's shards with it, and calibration
+    (megaquant.calib.sync) decides with it which amax is MAX-reduced over TP.
+    """
+    axis = getattr(fmt, "axis", None)
+    if axis is None or partition_axis is None:
+        return None
+    return axis % ndim if axis % ndim == partition_axis % ndim else None
 
 
 class QuantModuleMixin:

@@ -1,18 +1,18 @@
 """Quantized subclasses of Megatron-Core's Transformer Engine layers (imported only with TE).
 
-Each class is the Megatron TE class plus a mixin from :mod:`megaquant.te.layers`: the forward
+Each class is the Megatron TE class plus a mixin from :mod:`megaquant.nn.te_mixins`: the forward
 runs TE's own fused forward while TE's autograd function (``_Linear``, ``_LayerNormLinear``,
 ``_GroupedLinear``) is briefly replaced by a stand-in that fake-quantizes the GEMM operands,
 found by parameter name in the original function's signature. Constructors are the parents'
 (same keywords: ``config``, ``init_method``, ``bias``, ...); ``forward`` returns
 ``(output, bias)`` like the parents.
 
-Importing this module registers every class for in-place conversion
-(:func:`megaquant.convert.register_quant_module`). Building or converting a layer resolves the
-operand positions against the installed TE, so an unsupported TE fails right there.
+``TE_WRAPPERS`` pairs each Megatron TE class with its quantized subclass for in-place conversion
+(:func:`megaquant.nn.registry.register_builtins` registers them). Building or converting a layer
+resolves the operand positions against the installed TE, so an unsupported TE fails right there.
 
 This module imports TE-dependent Megatron modules at the top: only import it where
-``transformer_engine`` imports (``megaquant.convert.register_builtins`` does the check).
+``transformer_engine`` imports (``megaquant.nn.registry.register_builtins`` does the check).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from megatron.core.extensions.transformer_engine import (
     TERowParallelLinear,
 )
 
-from megaquant.convert import register_quant_module
-from megaquant.te.layers import (
+from megaquant.nn.te_mixins import (
     QuantTEGroupedLinearMixin,
     QuantTELayerNormLinearMixin,
     QuantTELinearMixin,
@@ -95,12 +94,12 @@ class QuantTERowParallelGroupedLinear(QuantTEGroupedLinearMixin, TERowParallelGr
     partition_axes = {"input": -1, "weight": 1, "output": None}
 
 
-for _src, _quant in (
-    (TELinear, QuantTELinear),
-    (TEColumnParallelLinear, QuantTEColumnParallelLinear),
-    (TERowParallelLinear, QuantTERowParallelLinear),
-    (TELayerNormColumnParallelLinear, QuantTELayerNormColumnParallelLinear),
-    (TEColumnParallelGroupedLinear, QuantTEColumnParallelGroupedLinear),
-    (TERowParallelGroupedLinear, QuantTERowParallelGroupedLinear),
-):
-    register_quant_module(_src, _quant)
+# Megatron TE class -> quantized subclass, registered by megaquant.nn.registry.register_builtins.
+TE_WRAPPERS = {
+    TELinear: QuantTELinear,
+    TEColumnParallelLinear: QuantTEColumnParallelLinear,
+    TERowParallelLinear: QuantTERowParallelLinear,
+    TELayerNormColumnParallelLinear: QuantTELayerNormColumnParallelLinear,
+    TEColumnParallelGroupedLinear: QuantTEColumnParallelGroupedLinear,
+    TERowParallelGroupedLinear: QuantTERowParallelGroupedLinear,
+}

@@ -13,7 +13,7 @@ from types import ModuleType
 
 from megaquant.te.patching import original_forward
 from megaquant.te.signatures import FunctionSignature, OperandPositions, resolve
-from megaquant.te.targets import TARGETS, TETarget
+from megaquant.te.targets import TETarget
 
 # The TE python package has been published under both names.
 _DISTRIBUTIONS = ("transformer-engine", "transformer_engine", "transformer-engine-torch")
@@ -26,7 +26,7 @@ def te_version() -> str:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    import transformer_engine  # noqa: PLC0415 - only reached where TE is importable
+    import transformer_engine  # only reached where TE is importable
 
     return str(getattr(transformer_engine, "__version__", "unknown"))
 
@@ -44,8 +44,3 @@ def resolve_live(
     version = version or te_version()
     signature = FunctionSignature.from_callable(original_forward(namespace, target.function))
     return resolve(target, signature, version)
-
-
-def resolve_all_live() -> dict[str, OperandPositions]:
-    """Every target, resolved from the live TE; raises on the first unresolvable one."""
-    return {t.function: resolve_live(t) for t in TARGETS}

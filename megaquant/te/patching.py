@@ -14,7 +14,8 @@ call through ``wrapper``. Three guarantees:
   hide every parameter name.
 
 Not thread-safe by design: TE's module globals are process-wide, and a forward runs on one
-thread. Patch only inside a forward, never at import time (STYLE.md habit 3).
+thread. Patch only inside a forward, never at import time (docs/DESIGN.md, "Where a new piece
+goes").
 """
 
 from __future__ import annotations

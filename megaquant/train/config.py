@@ -8,21 +8,13 @@ these classes hold the rules.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from megaquant.strict import from_dict as _from_dict
+
 PRECISIONS = ("auto", "32", "bf16-mixed")
 DECAYS = ("cosine", "linear", "constant")
-
-
-def _from_dict(cls, values: Mapping[str, Any] | None, where: str):
-    values = dict(values or {})
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
-    return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,14 @@ import logging
 import time
 from typing import Callable, Optional
 
-import torch.distributed as dist
 from torch import nn
 
 from megaquant.train.config import OptimConfig, TrainerConfig
 from megaquant.train.schedule import lr_at
 from megaquant.train.step import StepContext, train_step
+from megaquant.util import is_rank0
 
 log = logging.getLogger("megaquant.train")
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def train(model: nn.Module, optimizer, ctx: StepContext, *, trainer: TrainerConfig,
@@ -48,7 +44,7 @@ def train(model: nn.Module, optimizer, ctx: StepContext, *, trainer: TrainerConf
                 done % trainer.val_check_interval == 0:
             rec["val_loss"] = evaluate(done)
         records.append(rec)
-        if _rank0() and trainer.log_every_n_steps and (done % trainer.log_every_n_steps == 0
+        if is_rank0() and trainer.log_every_n_steps and (done % trainer.log_every_n_steps == 0
                                                        or done == end):
             log.info(format_record(rec, trainer.max_steps))
         if save is not None and ((trainer.save_every_n_steps and

@@ -191,7 +191,11 @@ def check_compatible(directory: str | Path, recipe_config: dict | None, *,
 
 
 def _norm(cfg: dict | None) -> str:
-    return json.dumps(cfg, sort_keys=True)
+    # Parsed and upgraded to the current recipe schema: a recipe saved before a schema change
+    # (or spelled with its defaults left out) compares equal to the same recipe today.
+    from megaquant.recipe import canonical_recipe
+
+    return json.dumps(canonical_recipe(cfg), sort_keys=True)
 
 
 def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,

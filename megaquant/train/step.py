@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -122,12 +121,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr
     optimizer.step()
     dist.all_reduce(total, group=ctx.dp_group)
     return {"loss": total.item(), "grad_norm": norm, "lr": lr, "tokens": n_tokens}
-
-
-def check_windows(windows: Sequence[Tensor] | Tensor) -> Tensor:
-    """Stack windows into ``[N, seq+1]`` int64, refusing anything else with a remedy."""
-    w = torch.stack(list(windows)) if not isinstance(windows, Tensor) else windows
-    if w.dim() != 2 or w.dtype != torch.int64 or w.shape[1] < 2:
-        raise TypeError(f"training windows must be [N, seq+1] int64 with seq >= 1, got "
-                        f"{tuple(w.shape)} {w.dtype}")
-    return w

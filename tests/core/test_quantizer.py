@@ -101,3 +101,22 @@ def test_disable_enable_quantizers_restores_modes():
     assert model["a"].mode == "off"
     enable_quantizers(model, saved)
     assert model["a"].mode == "dynamic" and model["b"].mode == "off"
+
+
+def test_quantizer_nonfinite_check_names_weight_or_activation():
+    from megaquant.calib.sync import SyncItem, check_finite
+
+    fmt = get_format("fp8")
+    w, a = TensorQuantizer(fmt, mode="calibrate"), TensorQuantizer(fmt, mode="calibrate")
+    bad = _x(0)
+    bad[0, 0] = float("inf")
+    w(bad)
+    for i in range(3):
+        a(bad if i == 2 else _x(i))
+    items = [SyncItem("l.weight_quantizer", w, None, role="weight"),
+             SyncItem("l.input_quantizer", a, None, role="input")]
+    with pytest.raises(FloatingPointError, match=r"non-finite weights \(NaN/inf\): "
+                       r"l\.weight_quantizer; non-finite activations .* l\.input_quantizer at "
+                       r"calibration batch 3"):
+        check_finite(items, None)
+    check_finite([SyncItem("ok", TensorQuantizer(fmt, mode="calibrate"), None)], None)

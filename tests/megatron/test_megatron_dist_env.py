@@ -90,7 +90,7 @@ def _timeout_worker(timeout_s):
     start = time.monotonic()
     try:
         dist.all_reduce(torch.ones(1))
-    except Exception as e:  # gloo raises once the timeout has passed
+    except Exception as e:  # noqa: BLE001 - gloo raises once the timeout has passed
         return {"error": type(e).__name__, "waited": time.monotonic() - start,
                 "backend": env.backend}
     return {"error": None}

