@@ -8,6 +8,7 @@ fails fast everywhere instead of leaving some ranks waiting in a collective.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
