@@ -116,6 +116,8 @@ def _refuse(hf: dict, family: str, where: str) -> None:
     bad = {}
     if hf.get("hidden_act", "silu") != "silu":
         bad["hidden_act"] = hf.get("hidden_act")
+    if hf.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+        bad["partial_rotary_factor"] = hf["partial_rotary_factor"]
     if hf.get("mlp_bias"):
         bad["mlp_bias"] = True
     if hf.get("attention_bias") and family != "qwen2":
