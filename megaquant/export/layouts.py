@@ -122,7 +122,10 @@ def _ct_args(scheme: str, role: str) -> dict | None:
     if scheme in ("nvfp4", "nvfp4_w4a16"):
         if role == "input" and scheme == "nvfp4_w4a16":
             return None
-        args = {**base, "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+        # scale_dtype: block scales are E4M3 (as in compressed-tensors' NVFP4 preset); without it
+        # compressed-tensors' own forward keeps dynamic activation block scales unrounded
+        args = {**base, "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                "scale_dtype": "torch.float8_e4m3fn"}
         return {**args, "dynamic": "local"} if role == "input" else args
     if scheme in ("fp8", "fp8_per_channel"):
         strategy = "channel" if (scheme == "fp8_per_channel" and role == "weight") else "tensor"
