@@ -35,7 +35,8 @@ from torch import Tensor
 
 import megaquant
 from megaquant.export import layouts as L
-from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
+from megaquant.export.families import hf_config
+from megaquant.export.moe import check_experts_complete, check_moe_model
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
@@ -94,7 +95,7 @@ def _layer_scheme(name, layer):
 
 def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     """The HF linears of one quantized Megatron layer, each quantized on its own rows."""
-    hf_names, split = hf_targets(name)
+    hf_names, split = hf_targets(name, arch)
     if layer.weight is None:
         raise ValueError(f"{name} has no weight of its own (tied embeddings): a tied output layer "
                          "cannot be quantized apart from the embedding; exclude it (recipe "
@@ -124,7 +125,7 @@ def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], lis
         _check_tp1(name, layer)
         wq = getattr(layer, "weight_quantizer", None)
         if wq is None or not wq.is_enabled:
-            excluded += list(hf_targets(name)[0])
+            excluded += list(hf_targets(name, arch)[0])
             continue
         schemes.setdefault(_layer_scheme(name, layer), []).append(name)
         layers.append((name, layer))
@@ -170,34 +171,6 @@ def _check_whole_blocks(scheme: str, layers) -> None:
                      f"are not a multiple of the block size {block}, and serving engines need whole "
                      f"blocks along the input dimension (a ragged tail block is not written). "
                      f"To export, {remedy}. Nothing was written.")
-
-
-def hf_config(arch, *, torch_dtype: str, tokenizer=None) -> dict:
-    """A LLaMA ``config.json`` for a GPTConfig (refusing architectures LLaMA cannot express);
-    Qwen2-MoE for an MoE model (:mod:`megaquant.export.moe`)."""
-    if arch.normalization != "RMSNorm" or not arch.gated_linear_unit or arch.add_bias_linear:
-        raise ValueError(f"{arch.name}: only LLaMA-family models (RMSNorm, SwiGLU, no biases) are "
-                         "exported; this one has "
-                         f"normalization={arch.normalization}, gated_linear_unit="
-                         f"{arch.gated_linear_unit}, add_bias_linear={arch.add_bias_linear}")
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-           "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_hidden_size,
-           "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_attention_heads,
-           "num_key_value_heads": arch.num_query_groups,
-           "head_dim": arch.hidden_size // arch.num_attention_heads,
-           "vocab_size": arch.vocab_size, "max_position_embeddings": arch.seq_length,
-           "rope_theta": float(arch.rotary_base), "rms_norm_eps": float(arch.norm_epsilon),
-           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-           "tie_word_embeddings": bool(arch.tie_embeddings), "torch_dtype": torch_dtype,
-           "rope_scaling": None}
-    if arch.num_moe_experts:
-        cfg = {**{k: v for k, v in cfg.items() if k not in ("attention_bias", "mlp_bias")},
-               **moe_config(arch)}
-    for key in ("bos_id", "eos_id"):
-        value = getattr(tokenizer, key, None)
-        if value is not None:
-            cfg[key.replace("_id", "_token_id")] = int(value)
-    return cfg
 
 
 def _layout_tensors(hf_state: dict, quantized: list[L.QuantLinear], layout: str, scheme: str):

@@ -30,7 +30,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from megaquant.export.names import EXPERT, router_names
+from megaquant.export.names import expert_prefix, router_names
+from megaquant.models.mapping import moe_names
 
 
 def check_moe_model(model: torch.nn.Module, arch) -> None:
@@ -70,13 +71,15 @@ def moe_config(arch) -> dict:
 def check_experts_complete(tensor_names, arch) -> None:
     """Every layer holds experts 0..E-1, each with gate/up/down_proj, and its router."""
     have: dict[tuple[int, int], set] = {}
-    pattern = re.compile(EXPERT.replace(".", r"\.").format(n=r"(\d+)", e=r"(\d+)") + r"(\w+_proj)\.")
+    escaped = expert_prefix(arch, "{n}", "{e}").replace(".", r"\.")
+    pattern = re.compile(escaped.format(n=r"(\d+)", e=r"(\d+)") + r"(\w+)\.")
     for k in tensor_names:
         m = pattern.match(k)
         if m:
             have.setdefault((int(m.group(1)), int(m.group(2))), set()).add(m.group(3))
     want = {(n, e) for n in range(arch.num_layers) for e in range(arch.num_moe_experts)}
-    projs = {"gate_proj", "up_proj", "down_proj"}
+    names = moe_names(getattr(arch, "hf_family", None))
+    projs = {names.gate, names.up, names.down}
     bad = sorted(k for k in want if have.get(k) != projs) + sorted(set(have) - want)
     routers = [r for r in router_names(arch) if f"{r}.weight" not in tensor_names]
     if bad or routers:
