@@ -26,6 +26,7 @@ declares (uint8 nibbles, float8, int32 words): a layout is never claimed for ten
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class ExportReport:
     layouts: dict = field(default_factory=dict)  # layout -> files, bytes, bits per parameter
     skipped_layouts: dict = field(default_factory=dict)  # layout -> reason
     tokenizer: bool = False
+    family: str = ""  # the Hugging Face architecture written (megaquant.export.families)
+    lm_head: str = ""  # tied, or untied and what the recipe did with it
+    engine_files: list = field(default_factory=list)  # copied from the source checkpoint
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -64,7 +68,17 @@ class ExportReport:
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
                  f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
-        return f"scheme {self.scheme}; " + "; ".join(parts)
+        return f"{self.family} scheme {self.scheme}; lm_head {self.lm_head}; " + "; ".join(parts)
+
+
+def _lm_head_note(arch, quantized, scheme: str, dtype_name: str) -> str:
+    """What the export did with the output layer: a decision the report states, never a default
+    that goes unsaid (an untied lm_head silently left in 16 bits surprised ModelOpt users)."""
+    if arch.tie_embeddings:
+        return "tied to model.embed_tokens (no lm_head tensor; tie_word_embeddings: true)"
+    if any(q.name == "lm_head" for q in quantized):
+        return f"untied, quantized with the recipe ({scheme})"
+    return f"untied, kept in {dtype_name} (the recipe excludes the output layer)"
 
 
 def _linear_modules(model: torch.nn.Module):
@@ -232,13 +246,15 @@ def _save_tokenizer(tokenizer, directory: Path) -> None:
 @torch.no_grad()
 def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="auto",
                  tokenizer=None, overwrite: bool = False,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, engine_files=()) -> ExportReport:
     """Export a quantized (calibrated) GPT ``model`` built at TP=1 with architecture ``arch``.
 
     ``layouts``: ``"auto"`` (every layout that has the model's scheme) or a list of
     ``"modelopt"``/``"compressed-tensors"`` (an error if one of them cannot hold the scheme).
     ``tokenizer``: a megaquant ``Tokenizer`` or ``tokenizers.Tokenizer`` (written as
-    tokenizer.json), or None when the source model had none. Writes ``out_dir/<layout>/`` and
+    tokenizer.json), or None when the source model had none. ``engine_files``: files of the
+    source checkpoint a serving engine reads (tokenizer_config.json, generation_config.json, chat
+    template), copied into every layout. Writes ``out_dir/<layout>/`` and
     ``out_dir/export_report.json`` atomically.
     """
     from megaquant.models.mapping import megatron_to_hf
@@ -255,7 +271,10 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     qparams = sum(q.weight.codes.numel() for q in quantized)
     params = sum(t.numel() for t in hf_state.values())
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
-                          skipped_layouts=skipped, tokenizer=tokenizer is not None)
+                          skipped_layouts=skipped, tokenizer=tokenizer is not None,
+                          family=hf_config(arch, torch_dtype=dtype_name)["architectures"][0],
+                          lm_head=_lm_head_note(arch, quantized, scheme, dtype_name),
+                          engine_files=sorted(Path(f).name for f in engine_files))
     block = quantized[0].block_size
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for layout in chosen:
@@ -274,6 +293,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                 write_json(d / "hf_quant_config.json", L.hf_quant_config(scheme, excluded))
             if tokenizer is not None:
                 _save_tokenizer(tokenizer, d)
+            for f in engine_files:
+                shutil.copyfile(f, d / Path(f).name)
             report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params)}
         write_json(tmp / "export_report.json", report.to_dict())
     return report

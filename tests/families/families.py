@@ -75,3 +75,18 @@ def save_family(name: str, directory: Path, *, dialect: str = "5", seed: int = 0
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits
+
+
+def add_tokenizer(directory: Path) -> None:
+    """A 256-token byte-level tokenizer.json (the byte alphabet, no merges) and the engine files
+    a real checkpoint ships beside it (tokenizer_config.json, generation_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(directory) / "tokenizer.json"))
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "{{ messages }}"}))
+    (Path(directory) / "generation_config.json").write_text(json.dumps({"do_sample": False}))
