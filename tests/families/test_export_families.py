@@ -85,6 +85,9 @@ def test_dense_export_reproduced_by_transformers(megatron_single, tmp_path, fami
     model, arch = quantized_family(family, recipe, tmp_path / "src", megatron_single.dp_group)
     d, config = _export(model, arch, tmp_path / "x")
     assert config["architectures"] == [ARCHS[family]]
+    lm_head = json.loads((tmp_path / "x" / "export_report.json").read_text())["lm_head"]
+    assert lm_head.startswith("tied" if family == "llama_tied" else "untied, kept in float32"), lm_head
+    assert "lm_head" in config["quantization_config"]["ignore"]  # engines keep it unquantized
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                                  output_loading_info=True)
     assert not any(info.values()), info

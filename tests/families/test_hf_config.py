@@ -130,3 +130,20 @@ def test_parallel_sizes_the_model_does_not_divide():
         arch.check_tensor_parallel(4)
     with pytest.raises(ValueError, match=r"expert parallel must be one of \[1, 2, 4\], got 3"):
         arch.check_expert_parallel(3)
+
+
+def test_reading_and_exporting_families_does_not_import_transformers(tmp_path):
+    """The package reads config.json itself; transformers is a test-only (dev) dependency."""
+    import subprocess
+    import sys
+
+    save_family("qwen3_moe", tmp_path / "m")
+    code = ("import sys; sys.modules['transformers'] = None\n"  # any import of it now fails
+            "from megaquant.models.hf import read_hf_model\n"
+            "from megaquant.models.gpt import GPTConfig\n"
+            "from megaquant.export.families import hf_config\n"
+            f"cfg, _ = read_hf_model({str(tmp_path / 'm')!r})\n"
+            "arch = GPTConfig.from_dict({**cfg, 'seq_length': 16})\n"
+            "print(hf_config(arch, torch_dtype='float32')['architectures'][0])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "Qwen3MoeForCausalLM", r.stderr[-2000:]
