@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from megaquant.export.moe import moe_config
 
-# family -> (architecture, q/k/v bias, q/k norm, MoE)
+# family -> (architecture, q/k/v bias (None: either, stated in config.json), q/k norm, MoE)
 FAMILIES = {
     "llama": ("LlamaForCausalLM", False, False, False),
     "mistral": ("MistralForCausalLM", False, False, False),
     "qwen2": ("Qwen2ForCausalLM", True, False, False),
     "qwen3": ("Qwen3ForCausalLM", False, True, False),
-    "qwen2_moe": ("Qwen2MoeForCausalLM", False, False, True),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", None, False, True),
     "qwen3_moe": ("Qwen3MoeForCausalLM", False, True, True),
     "mixtral": ("MixtralForCausalLM", False, False, True),
 }
@@ -47,10 +47,11 @@ def export_family(arch) -> str:
     have = {"add_qkv_bias": bool(arch.add_qkv_bias), "qk_layernorm": bool(arch.qk_layernorm),
             "num_moe_experts": bool(arch.num_moe_experts)}
     want = {"add_qkv_bias": bias, "qk_layernorm": qk_norm, "num_moe_experts": moe}
-    differ = {k: have[k] for k in want if have[k] != want[k]}
+    differ = {k: have[k] for k in want if want[k] is not None and have[k] != want[k]}
     if differ:
         fits = [f for f, (_, b, q, m) in FAMILIES.items()
-                if (b, q, m) == (have["add_qkv_bias"], have["qk_layernorm"], have["num_moe_experts"])]
+                if b in (None, have["add_qkv_bias"])
+                and (q, m) == (have["qk_layernorm"], have["num_moe_experts"])]
         raise ValueError(f"{arch.name}: {differ} does not fit the {family} family it would be "
                          f"exported as; families that fit: {fits or 'none'} (set hf_family)")
     return family

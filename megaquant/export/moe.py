@@ -63,7 +63,8 @@ def moe_config(arch) -> dict:
             "moe_intermediate_size": arch.moe_ffn_hidden_size or arch.ffn_hidden_size,
             "shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size or 0,
             "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "qkv_bias": False, "output_router_logits": False, "router_aux_loss_coef": 0.0,
+            "qkv_bias": bool(getattr(arch, "add_qkv_bias", False)), "output_router_logits": False,
+            "router_aux_loss_coef": 0.0,
             "use_sliding_window": False, "sliding_window": None,
             "max_window_layers": arch.num_layers, "attention_dropout": 0.0}
 

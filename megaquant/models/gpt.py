@@ -61,7 +61,8 @@ class GPTConfig:
     expert. Routing has no auxiliary loss (PTQ never trains the router).
     ``moe_router_pre_softmax`` takes the softmax over all experts before the top-k without
     renormalising (Qwen3-MoE with ``norm_topk_prob: false``); the default is the softmax over
-    the k chosen logits (Mixtral; ``norm_topk_prob: true``).
+    the k chosen logits (Mixtral; ``norm_topk_prob: true``). ``moe_shared_expert_gate`` scales
+    the shared expert by ``sigmoid(x @ gate_weight)`` (Qwen2-MoE's ``shared_expert_gate``).
 
     Hugging Face families (see :mod:`megaquant.models.hf_config`): ``kv_channels`` is the head
     dimension when it is not ``hidden_size / num_attention_heads`` (Qwen3); ``add_qkv_bias``
@@ -94,6 +95,7 @@ class GPTConfig:
     moe_token_dispatcher: str = "allgather"
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_router_pre_softmax: bool = False
+    moe_shared_expert_gate: bool = False
     kv_channels: Optional[int] = None
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
@@ -137,6 +139,9 @@ class GPTConfig:
         if not 1 <= self.moe_router_topk <= self.num_moe_experts:
             raise ValueError(f"moe_router_topk must be in 1..num_moe_experts "
                              f"({self.num_moe_experts}), got {self.moe_router_topk}")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_gate needs a shared expert "
+                             "(moe_shared_expert_intermediate_size)")
         if self.moe_token_dispatcher not in _DISPATCHERS:
             raise ValueError(f"moe_token_dispatcher must be one of {_DISPATCHERS}, "
                              f"got {self.moe_token_dispatcher!r}")
@@ -190,6 +195,7 @@ class GPTConfig:
             moe_token_dispatcher_type=self.moe_token_dispatcher,
             moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
             moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,

@@ -12,6 +12,8 @@ MistralForCausalLM       mistral        none once ``sliding_window`` is null
 Qwen2ForCausalLM         qwen2          q/k/v biases (always on)
 Qwen3ForCausalLM         qwen3          per-head RMSNorm on q and k; explicit ``head_dim``
 Qwen3MoeForCausalLM      qwen3_moe      qwen3 attention, routed experts (``mlp.experts``)
+Qwen2MoeForCausalLM      qwen2_moe      q/k/v biases (``qkv_bias``), routed experts, a shared
+                                        expert scaled by ``sigmoid(shared_expert_gate(x))``
 MixtralForCausalLM       mixtral        routed experts (``block_sparse_moe.experts.E.w1/w2/w3``)
 =======================  =============  ================================================
 
@@ -40,9 +42,10 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "MixtralForCausalLM": "mixtral",
 }
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 # transformers' defaults when a hand-written config omits the key
 _DEFAULT_THETA = {"mixtral": 1e6}
 _FOREIGN_KEYS = ("vision_config", "audio_config", "text_config", "kv_lora_rank", "q_lora_rank")
@@ -163,7 +166,7 @@ def gpt_fields_from_hf(hf: dict, where: str = "config.json") -> dict[str, Any]:
         "normalization": "RMSNorm",
         "gated_linear_unit": True,
         "add_bias_linear": False,
-        "add_qkv_bias": family == "qwen2",
+        "add_qkv_bias": family == "qwen2" or (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
         "qk_layernorm": family in ("qwen3", "qwen3_moe"),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "hf_family": family,
@@ -183,13 +186,17 @@ def _moe_fields(hf: dict, family: str, where: str) -> dict[str, Any]:
     if family == "mixtral":  # softmax over the top-k logits == renormalised top-k probabilities
         return {"num_moe_experts": experts, "moe_router_topk": topk,
                 "moe_ffn_hidden_size": hf["intermediate_size"]}
-    if hf.get("shared_expert_intermediate_size"):
+    shared = hf.get("shared_expert_intermediate_size") or 0
+    if shared and family != "qwen2_moe":
         raise ValueError(f"{where}: shared_expert_intermediate_size is not part of {family}")
     norm_topk = bool(hf.get("norm_topk_prob", False))
     if norm_topk and topk == 1:
         raise ValueError(f"{where}: norm_topk_prob with num_experts_per_tok=1 (a routing weight "
                          "of exactly 1) is not implemented by Megatron's router")
-    return {"num_moe_experts": experts, "moe_router_topk": topk,
-            "moe_ffn_hidden_size": hf["moe_intermediate_size"],
-            # norm_topk_prob: renormalised top-k probabilities == softmax over the top-k logits
-            "moe_router_pre_softmax": not norm_topk}
+    fields = {"num_moe_experts": experts, "moe_router_topk": topk,
+              "moe_ffn_hidden_size": hf["moe_intermediate_size"],
+              # norm_topk_prob: renormalised top-k probabilities == softmax over the top-k logits
+              "moe_router_pre_softmax": not norm_topk}
+    if shared:  # Qwen2-MoE's shared expert is always gated
+        fields.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+    return fields

@@ -96,6 +96,7 @@ def _dims(cfg) -> dict:
             "experts": _get(cfg, "num_moe_experts"),
             "moe_ffn": _get(cfg, "moe_ffn_hidden_size") or _get(cfg, "ffn_hidden_size"),
             "shared_expert": _get(cfg, "moe_shared_expert_intermediate_size"),
+            "shared_gate": bool(_get(cfg, "moe_shared_expert_gate", False)),
             "qkv_bias": bool(_get(cfg, "add_qkv_bias", False)),
             "qk_norm": bool(_get(cfg, "qk_layernorm", False)),
             "moe": moe_names(_get(cfg, "hf_family"))}
@@ -268,6 +269,8 @@ def _mlp_shapes(p: str, d: dict) -> dict:
         s = d["shared_expert"]
         out.update({src + "shared_expert.gate_proj.weight": (s, h), src + "shared_expert.up_proj.weight": (s, h),
                     src + "shared_expert.down_proj.weight": (h, s)})
+        if d["shared_gate"]:
+            out[src + "shared_expert_gate.weight"] = (1, h)
     return out
 
 

@@ -32,9 +32,12 @@ FAMILIES = {
     "qwen3_moe_norm": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32, norm_topk_prob=True)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # q/k/v biases, a gated shared expert
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48)),
 }
 DENSE = ("llama3", "llama_tied", "qwen2", "qwen3")
-MOE = ("qwen3_moe", "qwen3_moe_norm", "mixtral")
+MOE = ("qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe")
 
 
 def build_family(name: str, seed: int = 0):

@@ -33,7 +33,7 @@ transformers = pytest.importorskip("transformers")
 SEQ = 16
 ARCHS = {"llama3": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-         "mixtral": "MixtralForCausalLM"}
+         "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def _tokens(seed=0, n=2):
@@ -116,7 +116,7 @@ def _decompress_nvfp4_in_float32(hf, ref: dict, tokens) -> None:
         m.weight.data = want.clone()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
 def test_moe_export_reproduced_by_transformers(megatron_single, tmp_path, family, recipe):
     from safetensors.torch import save_file

@@ -78,7 +78,7 @@ def test_import_rope_scaling_matters(megatron_single, tmp_path):
 
 
 PARALLEL_CASES = [("llama3", 2, 1), ("qwen2", 2, 1), ("qwen3", 2, 1), ("llama_tied", 2, 1),
-                  ("qwen3_moe", 1, 2), ("mixtral", 1, 2), ("qwen3_moe", 2, 1)]
+                  ("qwen3_moe", 1, 2), ("mixtral", 1, 2), ("qwen2_moe", 1, 2), ("qwen3_moe", 2, 1)]
 
 
 def _parallel_worker(jobs):
