@@ -151,7 +151,8 @@ def _attention_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, siz
     """One layer's attention (``src`` = ``model.layers.N.``) for TP rank ``rank`` of ``size``."""
     qkv = [hf[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"]
     out = {dst + "self_attention.linear_qkv.weight": _shard(fuse_qkv(*qkv, d["groups"]), 0, rank, size),
-           dst + "self_attention.linear_proj.weight": _shard(hf[src + "self_attn.o_proj.weight"], 1, rank, size)}
+           dst + "self_attention.linear_proj.weight":
+               _shard(hf[src + "self_attn.o_proj.weight"], 1, rank, size)}
     if d["qkv_bias"]:
         bias = fuse_qkv(*[hf[f"{src}self_attn.{p}_proj.bias"] for p in "qkv"], d["groups"])
         out[dst + "self_attention.linear_qkv.bias"] = _shard(bias, 0, rank, size)
@@ -267,8 +268,9 @@ def _mlp_shapes(p: str, d: dict) -> dict:
                     f"{x}{names.down}.weight": (h, f)})
     if d["shared_expert"]:
         s = d["shared_expert"]
-        out.update({src + "shared_expert.gate_proj.weight": (s, h), src + "shared_expert.up_proj.weight": (s, h),
-                    src + "shared_expert.down_proj.weight": (h, s)})
+        shared = src + "shared_expert."
+        out.update({shared + "gate_proj.weight": (s, h), shared + "up_proj.weight": (s, h),
+                    shared + "down_proj.weight": (h, s)})
         if d["shared_gate"]:
             out[src + "shared_expert_gate.weight"] = (1, h)
     return out

@@ -70,7 +70,8 @@ def test_ptq_tp2_then_export(tmp_path, family):
     tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = loaded(tokens).logits
-        ours = _checkpoint_model(tmp_path / "ptq" / "checkpoint", family)(tokens, torch.arange(16)[None], None)
+        model = _checkpoint_model(tmp_path / "ptq" / "checkpoint", family)
+        ours = model(tokens, torch.arange(16)[None], None)
     assert not torch.equal(theirs, hf(tokens).logits)  # quantized, not the source weights
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5 * ours.abs().max().item())
 
@@ -104,8 +105,9 @@ def test_ptq_ep2_then_export_of_mixtral(tmp_path):
     save_family("mixtral", tmp_path / "m")
     add_tokenizer(tmp_path / "m")
     r = run_script("ptq.py", ["+recipe=fp8", "model=hf", f"model.path={tmp_path / 'm'}",
-                              "model.seq_length=32", "parallel.ep=2", "data.micro_batch=2", "data.calib_samples=4",
-                              "data.eval_samples=4", f"run.output_dir={tmp_path / 'ptq'}"], nproc=2)
+                              "model.seq_length=32", "parallel.ep=2", "data.micro_batch=2",
+                              "data.calib_samples=4", "data.eval_samples=4",
+                              f"run.output_dir={tmp_path / 'ptq'}"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_script("export.py", [f"checkpoint={tmp_path / 'ptq' / 'checkpoint'}",
                                  f"output_dir={tmp_path / 'x'}", "layouts=[compressed-tensors]"])
