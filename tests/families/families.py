@@ -24,6 +24,7 @@ FAMILIES = {
     "llama3": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
     "llama_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default",
                                                                            "rope_theta": 5e5})),
+    "mistral": ("mistral", dict(sliding_window=None)),
     "qwen2": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     # head_dim 32 != hidden / heads = 16, as in Qwen3-0.6B
     "qwen3": ("qwen3", dict(head_dim=32)),
@@ -36,7 +37,7 @@ FAMILIES = {
     "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                     shared_expert_intermediate_size=48)),
 }
-DENSE = ("llama3", "llama_tied", "qwen2", "qwen3")
+DENSE = ("llama3", "llama_tied", "mistral", "qwen2", "qwen3")
 MOE = ("qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe")
 
 

@@ -32,6 +32,7 @@ from tests.families.families import save_family
 transformers = pytest.importorskip("transformers")
 SEQ = 16
 ARCHS = {"llama3": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "mistral": "MistralForCausalLM",
          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
          "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
@@ -77,7 +78,7 @@ def _export(model, arch, out):
     return d, json.loads((d / "config.json").read_text())
 
 
-@pytest.mark.parametrize("family", ["llama3", "llama_tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
 def test_dense_export_reproduced_by_transformers(megatron_single, tmp_path, family, recipe):
     from tests.export.export_helpers import fake_quant_hf_state
