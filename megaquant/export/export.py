@@ -12,8 +12,9 @@ and expert-TP shards along their axes and every EP rank's experts under their gl
    quantizers' calibrated amax;
 3. unquantized tensors (embeddings, norms, MoE routers, excluded layers such as ``lm_head``) keep
    the source precision; tied embeddings stay tied (no ``lm_head.weight``,
-   ``tie_word_embeddings: true``); an MoE model is written as Qwen2-MoE, every expert under its
-   global index (:mod:`megaquant.export.moe`);
+   ``tie_word_embeddings: true``); the model is written as the Hugging Face family it was
+   imported from (:mod:`megaquant.export.families`; LLaMA, or Qwen2-MoE with experts, when it has
+   none), every expert under its global index (:mod:`megaquant.export.moe`);
 4. each requested layout (:mod:`megaquant.export.layouts`) is written to ``<out>/<layout>/``
    with ``config.json``, safetensors shards, ``tokenizer.json`` when there is a tokenizer, and for
    ModelOpt ``hf_quant_config.json``; ``<out>/export_report.json`` says what was written, bits per
