@@ -5,9 +5,9 @@ megaquant's MoE layers -- LLaMA attention (with ``qkv_bias: false``), RMSNorm, S
 a softmax top-k router renormalised over the chosen experts (``norm_topk_prob: true``, which is
 Megatron's default: top-k of the logits, then softmax over those k) -- and its per-expert names
 (``mlp.experts.E.{gate,up,down}_proj``, router ``mlp.gate``) are the ones vLLM, SGLang,
-TensorRT-LLM and transformers read for Qwen2/3-MoE, OLMoE and DeepSeek experts. Mixtral has the
-same math but other names (``block_sparse_moe.experts.E.w1/w3/w2``); Qwen3-MoE adds q/k norms we
-do not have.
+TensorRT-LLM and transformers read for Qwen2/3-MoE, OLMoE and DeepSeek experts. This is the
+default for a model without a Hugging Face family; an imported Qwen3-MoE, Mixtral or Qwen2-MoE is
+written as itself (:mod:`megaquant.export.families`).
 
 Shared experts: Qwen2-MoE has one shared expert whose output is scaled by
 ``sigmoid(shared_expert_gate(x))``, which is Megatron's ``moe_shared_expert_gate=True``. An
