@@ -1,6 +1,7 @@
 """Import -> quantize -> export of each family, read back by transformers (compressed-tensors).
 
-For every family the export must come out as the *same* Hugging Face architecture, and
+For every family the export must come out as the *same* Hugging Face architecture (in both
+layouts: the ModelOpt config.json equals the compressed-tensors one but for quantization_config), and
 transformers must reproduce the fake-quantized Megatron model's logits:
 
 * dense families, loaded by transformers with its compressed-tensors integration (quantized
@@ -73,9 +74,13 @@ def close(got, want, rel, what):
 def _export(model, arch, out):
     from megaquant.export import export_model
 
-    export_model(model, arch, out, layouts=["compressed-tensors"])
+    export_model(model, arch, out, layouts=["compressed-tensors", "modelopt"])
     d = out / "compressed-tensors"
-    return d, json.loads((d / "config.json").read_text())
+    config = json.loads((d / "config.json").read_text())
+    modelopt = json.loads((out / "modelopt" / "config.json").read_text())
+    same = {k: v for k, v in modelopt.items() if k != "quantization_config"}
+    assert same == {k: v for k, v in config.items() if k != "quantization_config"}  # both layouts
+    return d, config
 
 
 @pytest.mark.parametrize("family", ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"])
