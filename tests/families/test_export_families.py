@@ -1,8 +1,8 @@
 """Import -> quantize -> export of each family, read back by transformers (compressed-tensors).
 
 For every family the export must come out as the *same* Hugging Face architecture (in both
-layouts: the ModelOpt config.json equals the compressed-tensors one but for quantization_config), and
-transformers must reproduce the fake-quantized Megatron model's logits:
+layouts: the ModelOpt config.json equals the compressed-tensors one but for
+quantization_config), and transformers must reproduce the fake-quantized Megatron model's logits:
 
 * dense families, loaded by transformers with its compressed-tensors integration (quantized
   linears stay compressed-tensors modules that fake-quantize activations themselves):
