@@ -101,6 +101,7 @@ def llama_config_from_gguf(metadata: dict) -> dict:
         "num_query_groups": int(metadata.get(p + "attention.head_count_kv", heads)),
         "vocab_size": int(vocab),
         "seq_length": int(metadata[p + "context_length"]),
+        "max_position_embeddings": int(metadata[p + "context_length"]),
         "rotary_base": float(metadata.get(p + "rope.freq_base", 10000.0)),
         "norm_epsilon": float(metadata[p + "attention.layer_norm_rms_epsilon"]),
         "normalization": "RMSNorm",

@@ -42,6 +42,7 @@ SMOLLM2_135M: dict = {
     "num_query_groups": 3,
     "vocab_size": 49152,
     "seq_length": 8192,
+    "max_position_embeddings": 8192,
     "rotary_base": 100000.0,
     "norm_epsilon": 1e-5,
     "normalization": "RMSNorm",

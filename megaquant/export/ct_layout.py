@@ -100,7 +100,9 @@ def _args(num_bits: int, kind: str, strategy: str, group_size=None, **extra) -> 
 def _group_args(scheme: str, block_size: int | None) -> tuple[dict, dict | None]:
     """(weights, input_activations) QuantizationArgs of the one config group."""
     if scheme in ("nvfp4", "nvfp4_w4a16"):
-        weights = _args(4, "float", "tensor_group", 16)
+        # scale_dtype: block scales are E4M3 (as in compressed-tensors' NVFP4 preset); without it
+        # compressed-tensors' own forward keeps dynamic activation block scales unrounded
+        weights = _args(4, "float", "tensor_group", 16, scale_dtype="torch.float8_e4m3fn")
         return weights, ({**weights, "dynamic": "local"} if scheme == "nvfp4" else None)
     if scheme in ("fp8", "fp8_per_channel"):
         strategy = "channel" if scheme == "fp8_per_channel" else "tensor"

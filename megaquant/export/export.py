@@ -12,8 +12,9 @@ and expert-TP shards along their axes and every EP rank's experts under their gl
    quantizers' calibrated amax;
 3. unquantized tensors (embeddings, norms, MoE routers, excluded layers such as ``lm_head``) keep
    the source precision; tied embeddings stay tied (no ``lm_head.weight``,
-   ``tie_word_embeddings: true``); an MoE model is written as Qwen2-MoE, every expert under its
-   global index (:mod:`megaquant.export.moe`);
+   ``tie_word_embeddings: true``); the model is written as the Hugging Face family it was
+   imported from (:mod:`megaquant.export.families`; LLaMA, or Qwen2-MoE with experts, when it has
+   none), every expert under its global index (:mod:`megaquant.export.moe`);
 4. each requested layout (:mod:`megaquant.export.layouts`) is written to ``<out>/<layout>/``
    with ``config.json``, safetensors shards, ``tokenizer.json`` when there is a tokenizer, and for
    ModelOpt ``hf_quant_config.json``; ``<out>/export_report.json`` says what was written, bits per
@@ -26,6 +27,7 @@ declares (uint8 nibbles, float8, int32 words): a layout is never claimed for ten
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,8 @@ from torch import Tensor
 import megaquant
 from megaquant.export import layouts as L
 from megaquant.export.dtypes import cast_unquantized, dtype_name, resolve_dtype
-from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
+from megaquant.export.families import hf_config
+from megaquant.export.moe import check_experts_complete, check_moe_model
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
@@ -57,6 +60,9 @@ class ExportReport:
     skipped_layouts: dict = field(default_factory=dict)  # layout -> reason
     tokenizer: bool = False
     dtype: str = "float32"  # of the unquantized tensors (and config.json's dtype)
+    family: str = ""  # the Hugging Face architecture written (megaquant.export.families)
+    lm_head: str = ""  # tied, or untied and what the recipe did with it
+    engine_files: list = field(default_factory=list)  # copied from the source checkpoint
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -65,7 +71,18 @@ class ExportReport:
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
                  f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
-        return f"scheme {self.scheme}, unquantized tensors in {self.dtype}; " + "; ".join(parts)
+        return (f"{self.family} scheme {self.scheme}, unquantized tensors in {self.dtype}; "
+                f"lm_head {self.lm_head}; " + "; ".join(parts))
+
+
+def _lm_head_note(arch, quantized, scheme: str, dtype: str) -> str:
+    """What the export did with the output layer: a decision the report states, never a default
+    that goes unsaid (an untied lm_head silently left in 16 bits surprised ModelOpt users)."""
+    if arch.tie_embeddings:
+        return "tied to model.embed_tokens (no lm_head tensor; tie_word_embeddings: true)"
+    if any(q.name == "lm_head" for q in quantized):
+        return f"untied, quantized with the recipe ({scheme})"
+    return f"untied, kept in {dtype} (the recipe excludes the output layer)"
 
 
 def _linear_modules(model: torch.nn.Module):
@@ -99,7 +116,7 @@ def _layer_scheme(name, layer):
 
 def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     """The HF linears of one quantized Megatron layer, each quantized on its own rows."""
-    hf_names, split = hf_targets(name)
+    hf_names, split = hf_targets(name, arch)
     if layer.weight is None:
         raise ValueError(f"{name} has no weight of its own (tied embeddings): a tied output layer "
                          "cannot be quantized apart from the embedding; exclude it (recipe "
@@ -144,7 +161,7 @@ def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], lis
         _check_tp1(name, layer)
         wq = getattr(layer, "weight_quantizer", None)
         if wq is None or not wq.is_enabled:
-            excluded += list(hf_targets(name)[0])
+            excluded += list(hf_targets(name, arch)[0])
             continue
         schemes.setdefault(_layer_scheme(name, layer), []).append(name)
         layers.append((name, layer))
@@ -190,34 +207,6 @@ def _check_whole_blocks(scheme: str, layers) -> None:
                      f"are not a multiple of the block size {block}, and serving engines need whole "
                      f"blocks along the input dimension (a ragged tail block is not written). "
                      f"To export, {remedy}. Nothing was written.")
-
-
-def hf_config(arch, *, torch_dtype: str, tokenizer=None) -> dict:
-    """A LLaMA ``config.json`` for a GPTConfig (refusing architectures LLaMA cannot express);
-    Qwen2-MoE for an MoE model (:mod:`megaquant.export.moe`)."""
-    if arch.normalization != "RMSNorm" or not arch.gated_linear_unit or arch.add_bias_linear:
-        raise ValueError(f"{arch.name}: only LLaMA-family models (RMSNorm, SwiGLU, no biases) are "
-                         "exported; this one has "
-                         f"normalization={arch.normalization}, gated_linear_unit="
-                         f"{arch.gated_linear_unit}, add_bias_linear={arch.add_bias_linear}")
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-           "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_hidden_size,
-           "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_attention_heads,
-           "num_key_value_heads": arch.num_query_groups,
-           "head_dim": arch.hidden_size // arch.num_attention_heads,
-           "vocab_size": arch.vocab_size, "max_position_embeddings": arch.seq_length,
-           "rope_theta": float(arch.rotary_base), "rms_norm_eps": float(arch.norm_epsilon),
-           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-           "tie_word_embeddings": bool(arch.tie_embeddings), "torch_dtype": torch_dtype,
-           "rope_scaling": None}
-    if arch.num_moe_experts:
-        cfg = {**{k: v for k, v in cfg.items() if k not in ("attention_bias", "mlp_bias")},
-               **moe_config(arch)}
-    for key in ("bos_id", "eos_id"):
-        value = getattr(tokenizer, key, None)
-        if value is not None:
-            cfg[key.replace("_id", "_token_id")] = int(value)
-    return cfg
 
 
 def _layout_tensors(hf_state: dict, quantized: list[L.QuantLinear], layout: str, scheme: str):
@@ -282,7 +271,7 @@ def _save_tokenizer(tokenizer, directory: Path) -> None:
 def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="auto",
                  tokenizer=None, overwrite: bool = False, dtype: str = "auto",
                  source_dtype: str | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, engine_files=()) -> ExportReport:
     """Export a quantized (calibrated) GPT ``model`` built at TP=1 with architecture ``arch``.
 
     ``layouts``: ``"auto"`` (every layout that has the model's scheme) or a list of
@@ -290,7 +279,9 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     ``tokenizer``: a megaquant ``Tokenizer`` or ``tokenizers.Tokenizer`` (written as
     tokenizer.json), or None when the source model had none. ``dtype``: what unquantized tensors
     are written in and config.json says (:mod:`megaquant.export.dtypes`; ``auto`` =
-    ``source_dtype`` if given, else ``arch.params_dtype``). Writes ``out_dir/<layout>/`` and
+    ``source_dtype`` if given, else ``arch.params_dtype``). ``engine_files``: files of the
+    source checkpoint a serving engine reads (tokenizer_config.json, generation_config.json, chat
+    template), copied into every layout. Writes ``out_dir/<layout>/`` and
     ``out_dir/export_report.json`` atomically.
     """
     from megaquant.models.mapping import megatron_to_hf
@@ -308,7 +299,10 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     params = sum(t.numel() for t in hf_state.values())
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
                           skipped_layouts=skipped, tokenizer=tokenizer is not None,
-                          dtype=dtype_name(out_dtype))
+                          dtype=dtype_name(out_dtype),
+                          family=hf_config(arch, torch_dtype=dtype_name(out_dtype))["architectures"][0],
+                          lm_head=_lm_head_note(arch, quantized, scheme, dtype_name(out_dtype)),
+                          engine_files=sorted(Path(f).name for f in engine_files))
     block = quantized[0].block_size
     input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -330,6 +324,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                            L.hf_quant_config(scheme, excluded, block_size=block))
             if tokenizer is not None:
                 _save_tokenizer(tokenizer, d)
+            for f in engine_files:
+                shutil.copyfile(f, d / Path(f).name)
             report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params),
                                       "notes": L.activation_notes(layout, scheme, input_rules)}
         write_json(tmp / "export_report.json", report.to_dict())

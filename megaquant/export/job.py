@@ -16,6 +16,9 @@ from megaquant import strict
 
 log = logging.getLogger("megaquant.export")
 TOKENIZER_CHOICES = "auto | none | smollm2 | <directory with tokenizer.json>"
+# what a serving engine reads beside the weights, copied from a Hugging Face source checkpoint
+ENGINE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,15 @@ class ExportConfig:
         return strict.from_dict(cls, d, "export config")
 
 
-def resolve_tokenizer(choice: str, arch_name: str):
-    """The tokenizer to write: ``auto`` takes the embedded SmolLM2 one for that model, else none."""
+def resolve_tokenizer(choice: str, arch_name: str, source: str | None = None):
+    """The tokenizer to write: ``auto`` takes the one the checkpoint was made with (``source``,
+    recorded by PTQ: an HF directory, or "smollm2"), the embedded SmolLM2 one for that model,
+    else none."""
     if choice == "auto":
-        choice = "smollm2" if arch_name.startswith("SmolLM2") else "none"
+        if source and source != "bytes" and (source == "smollm2" or Path(source).is_dir()):
+            choice = source
+        else:
+            choice = "smollm2" if arch_name.startswith("SmolLM2") else "none"
     if choice in ("none", None):
         return None
     if choice == "smollm2":
@@ -71,13 +79,17 @@ def run(cfg: ExportConfig):
     from megaquant.export.dtypes import resolve_dtype
 
     resolve_dtype(str(cfg.dtype), "float32")  # fail fast on a bad dtype name
-    tokenizer = resolve_tokenizer(cfg.tokenizer, meta.get("arch", {}).get("name", ""))
+    tokenizer = resolve_tokenizer(cfg.tokenizer, meta.get("arch", {}).get("name", ""),
+                                  meta.get("tokenizer"))
+    source = cfg.tokenizer if cfg.tokenizer not in ("auto", "none", "smollm2") else meta.get("tokenizer")
+    engine_files = [Path(source) / f for f in ENGINE_FILES
+                    if tokenizer is not None and source and (Path(source) / f).is_file()]
     init_distributed(timeout_s=float(cfg.timeout_s))
     init_model_parallel(tp=1, pp=1, ep=1)
     layouts = cfg.layouts if isinstance(cfg.layouts, str) else list(cfg.layouts)
     report = export_checkpoint(cfg.checkpoint, cfg.output_dir, layouts=layouts,
                                tokenizer=tokenizer, overwrite=bool(cfg.overwrite),
-                               dtype=str(cfg.dtype),
+                               dtype=str(cfg.dtype), engine_files=engine_files,
                                max_shard_bytes=int(cfg.max_shard_bytes))
     log.info("exported %s to %s: %s", cfg.checkpoint, cfg.output_dir, report.summary())
     for layout, why in report.skipped_layouts.items():

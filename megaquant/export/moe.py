@@ -5,9 +5,9 @@ megaquant's MoE layers -- LLaMA attention (with ``qkv_bias: false``), RMSNorm, S
 a softmax top-k router renormalised over the chosen experts (``norm_topk_prob: true``, which is
 Megatron's default: top-k of the logits, then softmax over those k) -- and its per-expert names
 (``mlp.experts.E.{gate,up,down}_proj``, router ``mlp.gate``) are the ones vLLM, SGLang,
-TensorRT-LLM and transformers read for Qwen2/3-MoE, OLMoE and DeepSeek experts. Mixtral has the
-same math but other names (``block_sparse_moe.experts.E.w1/w3/w2``); Qwen3-MoE adds q/k norms we
-do not have.
+TensorRT-LLM and transformers read for Qwen2/3-MoE, OLMoE and DeepSeek experts. This is the
+default for a model without a Hugging Face family; an imported Qwen3-MoE, Mixtral or Qwen2-MoE is
+written as itself (:mod:`megaquant.export.families`).
 
 Shared experts: Qwen2-MoE has one shared expert whose output is scaled by
 ``sigmoid(shared_expert_gate(x))``, which is Megatron's ``moe_shared_expert_gate=True``. An
@@ -30,7 +30,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from megaquant.export.names import EXPERT, router_names
+from megaquant.export.names import expert_prefix, router_names
+from megaquant.models.mapping import moe_names
 
 
 def check_moe_model(model: torch.nn.Module, arch) -> None:
@@ -62,7 +63,8 @@ def moe_config(arch) -> dict:
             "moe_intermediate_size": arch.moe_ffn_hidden_size or arch.ffn_hidden_size,
             "shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size or 0,
             "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "qkv_bias": False, "output_router_logits": False, "router_aux_loss_coef": 0.0,
+            "qkv_bias": bool(getattr(arch, "add_qkv_bias", False)), "output_router_logits": False,
+            "router_aux_loss_coef": 0.0,
             "use_sliding_window": False, "sliding_window": None,
             "max_window_layers": arch.num_layers, "attention_dropout": 0.0}
 
@@ -70,13 +72,15 @@ def moe_config(arch) -> dict:
 def check_experts_complete(tensor_names, arch) -> None:
     """Every layer holds experts 0..E-1, each with gate/up/down_proj, and its router."""
     have: dict[tuple[int, int], set] = {}
-    pattern = re.compile(EXPERT.replace(".", r"\.").format(n=r"(\d+)", e=r"(\d+)") + r"(\w+_proj)\.")
+    escaped = expert_prefix(arch, "{n}", "{e}").replace(".", r"\.")
+    pattern = re.compile(escaped.format(n=r"(\d+)", e=r"(\d+)") + r"(\w+)\.")
     for k in tensor_names:
         m = pattern.match(k)
         if m:
             have.setdefault((int(m.group(1)), int(m.group(2))), set()).add(m.group(3))
     want = {(n, e) for n in range(arch.num_layers) for e in range(arch.num_moe_experts)}
-    projs = {"gate_proj", "up_proj", "down_proj"}
+    names = moe_names(getattr(arch, "hf_family", None))
+    projs = {names.gate, names.up, names.down}
     bad = sorted(k for k in want if have.get(k) != projs) + sorted(set(have) - want)
     routers = [r for r in router_names(arch) if f"{r}.weight" not in tensor_names]
     if bad or routers:

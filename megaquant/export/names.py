@@ -12,10 +12,13 @@ per-block scale follows the rows of the tensor a serving engine loads. This is e
   q/k/v (gate/up) again at load time and expect equal scales there (vLLM and TensorRT-LLM take
   the max of the parts when they differ, which for us is a no-op).
 
-MoE layers use Qwen2-MoE's names (docs/export.md says why): a routed expert
+MoE layers use the names of the model's family (``arch.hf_family``; Qwen2-MoE's when it has
+none, docs/export.md says why): a routed expert
 ``decoder.layers.N.mlp.experts.local_experts.E.linear_fc1`` becomes
-``model.layers.N.mlp.experts.E.{gate,up}_proj``, the shared expert
-``model.layers.N.mlp.shared_expert.*``, the (never quantized) router ``model.layers.N.mlp.gate``.
+``model.layers.N.mlp.experts.E.{gate,up}_proj`` (Qwen2/Qwen3-MoE) or
+``model.layers.N.block_sparse_moe.experts.E.{w1,w3}`` (Mixtral), the shared expert
+``model.layers.N.mlp.shared_expert.*``, the (never quantized) router ``model.layers.N.<block>.gate``
+(:class:`megaquant.models.mapping.MoENames`).
 E is the *global* expert index: the model the exporter reads is built at expert parallel 1
 (``export_checkpoint`` loads any EP layout so), where local and global indices coincide; a model
 still split over EP ranks is refused (:mod:`megaquant.export.moe`).
@@ -29,7 +32,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from megaquant.models.mapping import _dims, split_qkv
+from megaquant.models.mapping import MoENames, _dims, moe_names, split_qkv
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,13 @@ LAYER_MAP: tuple[HFTarget, ...] = (
              ("model.layers.{n}.mlp.gate_proj", "model.layers.{n}.mlp.up_proj"), "halves"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.linear_fc2",
              ("model.layers.{n}.mlp.down_proj",), "none"),
-    # routed experts (EP): E is the global expert index
+    # routed experts (EP): E is the global expert index; block and projection names
+    # come from the family (MoENames)
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc1",
-             ("model.layers.{n}.mlp.experts.{e}.gate_proj", "model.layers.{n}.mlp.experts.{e}.up_proj"),
+             ("model.layers.{n}.{block}.experts.{e}.{gate}", "model.layers.{n}.{block}.experts.{e}.{up}"),
              "halves"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc2",
-             ("model.layers.{n}.mlp.experts.{e}.down_proj",), "none"),
+             ("model.layers.{n}.{block}.experts.{e}.{down}",), "none"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.shared_experts\.linear_fc1",
              ("model.layers.{n}.mlp.shared_expert.gate_proj", "model.layers.{n}.mlp.shared_expert.up_proj"),
              "halves"),
@@ -64,21 +68,35 @@ LAYER_MAP: tuple[HFTarget, ...] = (
              ("model.layers.{n}.mlp.shared_expert.down_proj",), "none"),
     HFTarget(r"output_layer", ("lm_head",), "none"),
 )
-ROUTER = "model.layers.{n}.mlp.gate"  # HF name of a layer's router (kept in source precision)
-EXPERT = "model.layers.{n}.mlp.experts.{e}."  # prefix of routed expert e's gate/up/down_proj
+ROUTER = "model.layers.{n}.{block}.gate"  # HF name of a layer's router (kept in source precision)
+EXPERT = "model.layers.{n}.{block}.experts.{e}."  # prefix of routed expert e's projections
+
+
+def _names(arch) -> MoENames:
+    return moe_names(getattr(arch, "hf_family", None))
 
 
 def router_names(arch) -> list[str]:
     """HF module names of the routers of an MoE ``arch`` (none for a dense model)."""
-    return [ROUTER.format(n=n) for n in range(arch.num_layers)] if arch.num_moe_experts else []
+    block = _names(arch).block
+    return [ROUTER.format(n=n, block=block) for n in range(arch.num_layers)] if arch.num_moe_experts else []
 
 
-def hf_targets(megatron_name: str) -> tuple[tuple[str, ...], str]:
-    """(HF module names, splitter) of a Megatron linear; ValueError for a layer we cannot map."""
+def expert_prefix(arch, n, e) -> str:
+    """HF prefix of routed expert ``e`` of layer ``n`` (``n``/``e`` may be regex strings)."""
+    return EXPERT.format(n=n, e=e, block=_names(arch).block)
+
+
+def hf_targets(megatron_name: str, arch=None) -> tuple[tuple[str, ...], str]:
+    """(HF module names, splitter) of a Megatron linear; ValueError for a layer we cannot map.
+
+    ``arch`` (a GPTConfig) picks the family's MoE names; without it, Qwen2-MoE's.
+    """
+    names = vars(_names(arch))
     for t in LAYER_MAP:
         m = re.fullmatch(t.pattern, megatron_name)
         if m:
-            return tuple(n.format(**m.groupdict()) for n in t.hf_names), t.split
+            return tuple(n.format(**m.groupdict(), **names) for n in t.hf_names), t.split
     raise ValueError(f"no Hugging Face name is known for quantized layer {megatron_name!r}; "
                      "add a row to megaquant.export.names.LAYER_MAP or exclude it in the recipe")
 
@@ -106,5 +124,5 @@ def split_rows(t: Tensor, split: str, arch) -> tuple[Tensor, ...]:
     return tuple(p.contiguous() for p in row_splitter(split, arch)(t))
 
 
-__all__ = ["HFTarget", "LAYER_MAP", "EXPERT", "ROUTER", "hf_targets", "router_names", "split_rows",
-           "row_splitter"]
+__all__ = ["HFTarget", "LAYER_MAP", "EXPERT", "ROUTER", "expert_prefix", "hf_targets", "router_names",
+           "split_rows", "row_splitter"]

@@ -41,7 +41,8 @@ def build_model(loaded, groups, build: str):
     if loaded.hf_state is not None:
         from megaquant.models.mapping import hf_to_megatron
 
-        state = hf_to_megatron(loaded.hf_state, loaded.arch, groups.tp_rank, groups.tp)
+        state = hf_to_megatron(loaded.hf_state, loaded.arch, groups.tp_rank, groups.tp,
+                               ep_rank=groups.ep_rank, ep_size=groups.ep)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:

@@ -64,6 +64,17 @@ class GPTConfig:
     ``moe_ffn_hidden_size`` per expert (default ``ffn_hidden_size``), ``moe_token_dispatcher``
     "allgather" or "alltoall", ``moe_shared_expert_intermediate_size`` for an always-on shared
     expert. Routing has no auxiliary loss (PTQ never trains the router).
+    ``moe_router_pre_softmax`` takes the softmax over all experts before the top-k without
+    renormalising (Qwen3-MoE with ``norm_topk_prob: false``); the default is the softmax over
+    the k chosen logits (Mixtral; ``norm_topk_prob: true``). ``moe_shared_expert_gate`` scales
+    the shared expert by ``sigmoid(x @ gate_weight)`` (Qwen2-MoE's ``shared_expert_gate``).
+
+    Hugging Face families (see :mod:`megaquant.models.hf_config`): ``kv_channels`` is the head
+    dimension when it is not ``hidden_size / num_attention_heads`` (Qwen3); ``add_qkv_bias``
+    gives q/k/v biases (Qwen2); ``qk_layernorm`` an RMSNorm over each query and key head
+    (Qwen3); ``rope_scaling`` a dict of :class:`megaquant.models.rope.RopeScaling` fields
+    (Llama-3.1); ``max_position_embeddings`` bounds ``seq_length``; ``hf_family`` is the HF
+    ``model_type`` written back on export (None: llama, or qwen2_moe for MoE).
     """
 
     num_layers: int
@@ -88,6 +99,14 @@ class GPTConfig:
     moe_ffn_hidden_size: Optional[int] = None
     moe_token_dispatcher: str = "allgather"
     moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_router_pre_softmax: bool = False
+    moe_shared_expert_gate: bool = False
+    kv_channels: Optional[int] = None
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: Optional[int] = None
+    hf_family: Optional[str] = None
     name: str = "model"
 
     def __post_init__(self) -> None:
@@ -96,7 +115,7 @@ class GPTConfig:
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)}, "
                              f"got {self.params_dtype!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_query_groups != 0:
@@ -104,6 +123,19 @@ class GPTConfig:
                              f"of num_query_groups {self.num_query_groups}")
         if self.num_moe_experts is not None:
             self._check_moe()
+        if self.max_position_embeddings is not None and self.seq_length > self.max_position_embeddings:
+            raise ValueError(f"{self.name}: model.seq_length={self.seq_length} exceeds the model's "
+                             f"max_position_embeddings={self.max_position_embeddings} (config.json); "
+                             f"positions beyond it were never trained. Set model.seq_length <= "
+                             f"{self.max_position_embeddings}")
+        if self.rope_scaling is not None:
+            from megaquant.models.rope import RopeScaling
+
+            RopeScaling.from_dict(self.rope_scaling)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def _check_moe(self) -> None:
         if self.num_moe_experts < 1:
@@ -112,6 +144,9 @@ class GPTConfig:
         if not 1 <= self.moe_router_topk <= self.num_moe_experts:
             raise ValueError(f"moe_router_topk must be in 1..num_moe_experts "
                              f"({self.num_moe_experts}), got {self.moe_router_topk}")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_gate needs a shared expert "
+                             "(moe_shared_expert_intermediate_size)")
         if self.moe_token_dispatcher not in _DISPATCHERS:
             raise ValueError(f"moe_token_dispatcher must be one of {_DISPATCHERS}, "
                              f"got {self.moe_token_dispatcher!r}")
@@ -164,6 +199,8 @@ class GPTConfig:
             moe_ffn_hidden_size=self.moe_ffn_hidden_size or self.ffn_hidden_size,
             moe_token_dispatcher_type=self.moe_token_dispatcher,
             moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
@@ -187,7 +224,9 @@ class GPTConfig:
             ffn_hidden_size=self.ffn_hidden_size,
             num_attention_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups,
-            kv_channels=self.hidden_size // self.num_attention_heads,
+            kv_channels=self.head_dim,
+            add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             normalization=self.normalization,
             layernorm_epsilon=self.norm_epsilon,
             gated_linear_unit=self.gated_linear_unit,
@@ -269,16 +308,18 @@ def mlp_spec(backend: BackendSpecProvider, num_experts: Optional[int] = None, *,
 
 def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] = None, *,
                    normalization: str = "RMSNorm", num_experts: Optional[int] = None,
-                   shared_experts: bool = False) -> ModuleSpec:
+                   shared_experts: bool = False, qk_layernorm: bool = False) -> ModuleSpec:
     """A pre-norm ``TransformerLayer`` spec whose every submodule comes from ``backend``.
 
     ``core_attention`` overrides the attention kernel (default: the backend's). Without CUDA the
     backend is wrapped in the CPU runtime's ``CPUSpecProvider`` (SDPA attention, an SP-capable
     norm). Norms are separate modules (no fused layernorm-linear), so each linear is a plain
-    column/row-parallel module a quantized provider can replace.
+    column/row-parallel module a quantized provider can replace. ``qk_layernorm`` adds a norm
+    over each query and key head (Qwen3), the same norm class over ``kv_channels``.
     """
     backend = for_this_machine(backend)
     norm = backend_norm(backend, normalization)
+    qk_norm = norm if qk_layernorm else IdentityOp
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -286,8 +327,8 @@ def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] 
             linear_qkv=backend.column_parallel_linear(),
             core_attention=core_attention or backend.core_attention(),
             linear_proj=backend.row_parallel_linear(),
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
         ),
     )
     return ModuleSpec(
@@ -316,7 +357,8 @@ def gpt_block_spec(cfg: GPTConfig, backend: BackendSpecProvider,
     backend = for_this_machine(backend)
     layer = gpt_layer_spec(backend, core_attention, normalization=cfg.normalization,
                            num_experts=cfg.num_moe_experts,
-                           shared_experts=cfg.moe_shared_expert_intermediate_size is not None)
+                           shared_experts=cfg.moe_shared_expert_intermediate_size is not None,
+                           qk_layernorm=cfg.qk_layernorm)
     return TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers,
                                       layer_norm=backend_norm(backend, cfg.normalization))
 
@@ -348,7 +390,7 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
         ep_size = _group_size(pg_collection, "ep") if cfg.is_moe else 1
     config = cfg.to_transformer_config(tp_size, sequence_parallel=sequence_parallel,
                                        ep_size=ep_size)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=gpt_block_spec(cfg, backend, core_attention),
         vocab_size=cfg.vocab_size,
@@ -360,6 +402,24 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
         rotary_base=int(cfg.rotary_base),
         pg_collection=pg_collection,
     )
+    if cfg.rope_scaling is not None:
+        install_rope_scaling(model, cfg)
+    return model
+
+
+def install_rope_scaling(model: GPTModel, cfg: GPTConfig) -> None:
+    """Replace the rotary embedding's ``inv_freq`` by the scaled one (:mod:`megaquant.models.rope`).
+
+    Megatron's ``RotaryEmbedding`` computes angles as ``outer(positions, inv_freq)`` at each
+    forward (cached per length after the first), so changing ``inv_freq`` before the first
+    forward changes exactly the frequencies and nothing else.
+    """
+    from megaquant.models.rope import RopeScaling, rope_inv_freq
+
+    rope = model.rotary_pos_emb
+    rope.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rotary_base,
+                                  RopeScaling.from_dict(cfg.rope_scaling), device=rope.inv_freq.device)
+    rope.forward.cache_clear()
 
 
 def _group_size(pg_collection, name: str) -> int:

@@ -1,14 +1,13 @@
-"""Read a local Hugging Face LLaMA-family checkpoint directory (no hub access).
+"""Read a local Hugging Face checkpoint directory (no hub access) of a supported family.
 
 A directory saved with ``model.save_pretrained(dir)`` holds ``config.json`` and either one
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json`` (its ``weight_map``
-maps each tensor name to its shard file). We read the tensors with ``safetensors`` and translate
-``config.json`` into the GPTConfig field names used across megaquant.
-
-Supported: dense decoder-only models whose HF state dict follows LLaMA naming and math (RMSNorm,
-rotate-half RoPE over the whole head, SwiGLU, no biases): ``LlamaForCausalLM``,
-``MistralForCausalLM`` (no sliding window). Anything else is refused with a clear message rather
-than silently loaded into the wrong math.
+maps each tensor name to its shard file). :mod:`megaquant.models.hf_config` turns
+``config.json`` into GPTConfig fields (LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral; anything
+else refused by name); here the tensors are read with ``safetensors`` and checked against the
+names and shapes that config implies (:func:`megaquant.models.mapping.hf_shapes`): a missing
+tensor, one of the wrong shape and one the model has no place for are each an error naming the
+tensor and its file, never a silently different model.
 """
 
 from __future__ import annotations
@@ -18,7 +17,11 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+from megaquant.models.hf_config import ARCHITECTURES, gpt_fields_from_hf
+from megaquant.models.mapping import hf_shapes
+
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a recomputable buffer some versions saved
 
 
 def _read_config(directory: Path) -> dict:
@@ -29,54 +32,21 @@ def _read_config(directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _check_supported(hf: dict) -> None:
-    archs = hf.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ValueError(f"architecture {archs or hf.get('model_type')} is not supported; "
-                         f"megaquant reads {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
-    unsupported = {
-        "attention_bias": bool(hf.get("attention_bias", False)),
-        "mlp_bias": bool(hf.get("mlp_bias", False)),
-        "rope_scaling": hf.get("rope_scaling") not in (None, {}),
-        "sliding_window": hf.get("sliding_window") not in (None, 0),
-        "hidden_act": hf.get("hidden_act", "silu") != "silu",
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"config.json sets {bad}, which megaquant's LLaMA mapping does not model; "
-                         "only plain LLaMA (no biases, unscaled RoPE, full attention, SiLU) is supported")
-
-
 def llama_config_from_hf(hf: dict) -> dict:
     """GPTConfig field names from a Hugging Face ``config.json`` dict (after support checks)."""
-    _check_supported(hf)
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise ValueError(f"head_dim={head_dim} x heads={heads} != hidden_size={hf['hidden_size']} "
-                         "is not supported")
-    return {
-        "num_layers": hf["num_hidden_layers"],
-        "hidden_size": hf["hidden_size"],
-        "ffn_hidden_size": hf["intermediate_size"],
-        "num_attention_heads": heads,
-        "num_query_groups": hf.get("num_key_value_heads") or heads,
-        "vocab_size": hf["vocab_size"],
-        "seq_length": hf.get("max_position_embeddings", 2048),
-        "rotary_base": float(hf.get("rope_theta", 10000.0)),
-        "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
-        "normalization": "RMSNorm",
-        "gated_linear_unit": True,
-        "add_bias_linear": False,
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-    }
+    return gpt_fields_from_hf(hf)
 
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / f for f in sorted(set(weight_map.values()))]
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards {absent} that are not in {directory}; "
+                                    "copy every shard of the checkpoint")
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in directory.glob("*.bin"))
@@ -85,7 +55,24 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_hf_llama(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+def _check_tensors(directory: Path, cfg: dict, where: dict[str, str]) -> None:
+    """Names and shapes against the config; ``where`` maps tensor name -> file name."""
+    shapes = hf_shapes(cfg)
+    optional = {n for n in where if n.endswith("shared_expert_gate.weight")}
+    missing = [n for n in shapes if n not in where]
+    if missing:
+        files = sorted(set(where.values()))
+        raise ValueError(f"{directory}: the checkpoint lacks {len(missing)} tensors config.json "
+                         f"implies, e.g. {missing[:3]} (read {files}); a shard is missing or the "
+                         "config does not describe these weights")
+    extra = sorted(set(where) - set(shapes) - optional)
+    if extra:
+        raise ValueError(f"{directory}: tensors {extra[:3]} (in {where[extra[0]]}) have no place in "
+                         f"the {cfg['hf_family']} model config.json describes; megaquant will not "
+                         "drop weights silently (an unsupported feature such as biases or a tower?)")
+
+
+def read_hf_model(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """(config dict with GPTConfig field names, HF-named state dict in ``dtype``).
 
     A tied checkpoint may still carry ``lm_head.weight``; it is dropped so that "tied" always means
@@ -94,15 +81,20 @@ def read_hf_llama(directory: str | Path, *, dtype: torch.dtype = torch.float32) 
     from safetensors.torch import load_file
 
     directory = Path(directory).expanduser()
-    cfg = llama_config_from_hf(_read_config(directory))
+    cfg = gpt_fields_from_hf(_read_config(directory), where=str(directory / "config.json"))
+    shapes = hf_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
     for f in _weight_files(directory):
         for name, t in load_file(str(f)).items():
-            if name.endswith("rotary_emb.inv_freq"):  # a recomputable buffer some versions saved
+            if name.endswith(_IGNORED_SUFFIXES) or (cfg["tie_embeddings"] and name == "lm_head.weight"):
                 continue
-            state[name] = t.to(dtype)
-    if cfg["tie_embeddings"]:
-        state.pop("lm_head.weight", None)
-    if "model.embed_tokens.weight" not in state:
-        raise ValueError(f"{directory} has no model.embed_tokens.weight: not a LLaMA-named checkpoint")
+            if name in shapes and tuple(t.shape) != shapes[name]:
+                raise ValueError(f"{f}: tensor {name} has shape {tuple(t.shape)}, but config.json "
+                                 f"implies {shapes[name]}; the config and the weights disagree")
+            state[name], where[name] = t.to(dtype), f.name
+    _check_tensors(directory, cfg, where)
     return cfg, state
+
+
+read_hf_llama = read_hf_model  # the name before Qwen and MoE families were read

@@ -14,13 +14,16 @@ decoder.layers.N.mlp.linear_fc1.weight      ...N.mlp.{gate,up}_proj         rows
 decoder.layers.N.mlp.linear_fc2.weight      ...N.mlp.down_proj              columns (input)
 decoder.final_layernorm.weight              model.norm.weight               replicated
 output_layer.weight (untied only)           lm_head.weight                  rows (vocab)
+...N.self_attention.linear_qkv.bias (qwen2) ...N.self_attn.{q,k,v}_proj.bias  KV groups, as weight
+...N.self_attention.{q,k}_layernorm (qwen3) ...N.self_attn.{q,k}_norm.weight  replicated (per head)
 ==========================================  ===================================================
 
-MoE layers (``num_moe_experts`` set; Qwen2-MoE names, see docs/export.md), expert parallel = 1
-(every expert present, local index = global index E)::
+MoE layers (``num_moe_experts`` set; Qwen2/Qwen3-MoE names, Mixtral's in brackets: its block
+is ``block_sparse_moe`` and its projections ``w1`` (gate), ``w3`` (up), ``w2`` (down)). Local
+expert ``L`` of expert-parallel rank ``r`` of ``ep`` is global expert ``E = r * num_experts/ep + L``::
 
     decoder.layers.N.mlp.router.weight                          ...N.mlp.gate.weight  replicated
-    decoder.layers.N.mlp.experts.local_experts.E.linear_fc{1,2} ...N.mlp.experts.E.{gate,up,down}_proj
+    decoder.layers.N.mlp.experts.local_experts.L.linear_fc{1,2} ...N.mlp.experts.E.{gate,up,down}_proj
     decoder.layers.N.mlp.shared_experts.linear_fc{1,2}          ...N.mlp.shared_expert.{gate,up,down}_proj
     decoder.layers.N.mlp.shared_experts.gate_weight (if gated)  ...N.mlp.shared_expert_gate.weight
 
@@ -46,10 +49,31 @@ tensors in, tensors out; no process groups.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _LAYER = "decoder.layers.{n}."
 _HF_LAYER = "model.layers.{n}."
+
+
+@dataclass(frozen=True)
+class MoENames:
+    """How a family names an MoE block: ``model.layers.N.<block>.gate`` (router) and
+    ``model.layers.N.<block>.experts.E.<gate|up|down>`` (one expert's SwiGLU projections)."""
+
+    block: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+MOE_NAMES = {"mixtral": MoENames("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def moe_names(family) -> MoENames:
+    """The MoE names of ``hf_family`` (Qwen2/Qwen3-MoE's unless the family says otherwise)."""
+    return MOE_NAMES.get(family, MoENames())
 
 
 def _get(cfg, key, default=None):
@@ -67,10 +91,15 @@ def _dims(cfg) -> dict:
     if heads % groups:
         raise ValueError(f"num_attention_heads={heads} must be a multiple of num_query_groups={groups}")
     return {"layers": _get(cfg, "num_layers"), "heads": heads, "groups": groups, "head_dim": head_dim,
-            "ffn": _get(cfg, "ffn_hidden_size"), "vocab": _get(cfg, "vocab_size"),
+            "hidden": hidden, "ffn": _get(cfg, "ffn_hidden_size"), "vocab": _get(cfg, "vocab_size"),
             "tied": bool(_get(cfg, "tie_embeddings", True)),
             "experts": _get(cfg, "num_moe_experts"),
-            "shared_expert": _get(cfg, "moe_shared_expert_intermediate_size") is not None}
+            "moe_ffn": _get(cfg, "moe_ffn_hidden_size") or _get(cfg, "ffn_hidden_size"),
+            "shared_expert": _get(cfg, "moe_shared_expert_intermediate_size"),
+            "shared_gate": bool(_get(cfg, "moe_shared_expert_gate", False)),
+            "qkv_bias": bool(_get(cfg, "add_qkv_bias", False)),
+            "qk_norm": bool(_get(cfg, "qk_layernorm", False)),
+            "moe": moe_names(_get(cfg, "hf_family"))}
 
 
 def _check_tp(d: dict, tp_size: int, vocab_rows: int) -> None:
@@ -85,7 +114,12 @@ def _check_tp(d: dict, tp_size: int, vocab_rows: int) -> None:
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """[heads*d, h], [groups*d, h], [groups*d, h] -> Megatron's fused [(heads + 2*groups)*d, h]."""
+    """[heads*d, h], [groups*d, h], [groups*d, h] -> Megatron's fused [(heads + 2*groups)*d, h].
+
+    1-D biases ([heads*d], ...) fuse the same way, into [(heads + 2*groups)*d].
+    """
+    if q.dim() == 1:
+        return fuse_qkv(q[:, None], k[:, None], v[:, None], groups)[:, 0]
     h = q.shape[1]
     per = (q.view(groups, -1, h), k.view(groups, -1, h), v.view(groups, -1, h))
     return torch.cat(per, dim=1).reshape(-1, h)
@@ -93,6 +127,8 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> 
 
 def split_qkv(qkv: torch.Tensor, groups: int, head_dim: int) -> tuple[torch.Tensor, ...]:
     """Inverse of :func:`fuse_qkv` (for ``groups`` KV groups held in ``qkv``)."""
+    if qkv.dim() == 1:
+        return tuple(t[:, 0] for t in split_qkv(qkv[:, None], groups, head_dim))
     h = qkv.shape[1]
     per_group = qkv.view(groups, -1, h)
     q_rows = per_group.shape[1] - 2 * head_dim
@@ -111,39 +147,52 @@ def _shard(w: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return w.chunk(size, dim=dim)[rank].clone()
 
 
-def _layer_to_megatron(hf: dict, n: int, d: dict, rank: int, size: int) -> dict:
+def _attention_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, size: int) -> dict:
+    """One layer's attention (``src`` = ``model.layers.N.``) for TP rank ``rank`` of ``size``."""
+    qkv = [hf[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"]
+    out = {dst + "self_attention.linear_qkv.weight": _shard(fuse_qkv(*qkv, d["groups"]), 0, rank, size),
+           dst + "self_attention.linear_proj.weight":
+               _shard(hf[src + "self_attn.o_proj.weight"], 1, rank, size)}
+    if d["qkv_bias"]:
+        bias = fuse_qkv(*[hf[f"{src}self_attn.{p}_proj.bias"] for p in "qkv"], d["groups"])
+        out[dst + "self_attention.linear_qkv.bias"] = _shard(bias, 0, rank, size)
+    if d["qk_norm"]:
+        for p in "qk":
+            out[f"{dst}self_attention.{p}_layernorm.weight"] = hf[f"{src}self_attn.{p}_norm.weight"].clone()
+    return out
+
+
+def _layer_to_megatron(hf: dict, n: int, d: dict, rank: int, size: int, ep: tuple[int, int]) -> dict:
     src, dst = _HF_LAYER.format(n=n), _LAYER.format(n=n)
-    qkv = fuse_qkv(hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-                   hf[src + "self_attn.v_proj.weight"], d["groups"])
     out = {
         dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"].clone(),
-        dst + "self_attention.linear_qkv.weight": _shard(qkv, 0, rank, size),
-        dst + "self_attention.linear_proj.weight": _shard(hf[src + "self_attn.o_proj.weight"], 1, rank, size),
+        **_attention_to_megatron(hf, src, dst, d, rank, size),
         dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"].clone(),
     }
     if d["experts"]:
-        return {**out, **_moe_to_megatron(hf, src + "mlp.", dst + "mlp.", d, rank, size)}
-    gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
-    return {
-        **out,
-        dst + "mlp.linear_fc1.weight": torch.cat([_shard(gate, 0, rank, size), _shard(up, 0, rank, size)]),
-        dst + "mlp.linear_fc2.weight": _shard(hf[src + "mlp.down_proj.weight"], 1, rank, size),
-    }
+        return {**out, **_moe_to_megatron(hf, src, dst + "mlp.", d, rank, size, ep)}
+    return {**out, **_swiglu_to_megatron(hf, src + "mlp.", dst + "mlp.", rank, size)}
 
 
-def _swiglu_to_megatron(hf: dict, src: str, dst: str, rank: int, size: int) -> dict:
-    """One HF SwiGLU MLP (``src`` + gate/up/down_proj) -> Megatron fc1/fc2 (``dst``) of one TP rank."""
-    gate, up = hf[src + "gate_proj.weight"], hf[src + "up_proj.weight"]
+def _swiglu_to_megatron(hf: dict, src: str, dst: str, rank: int, size: int,
+                        names: MoENames = MoENames()) -> dict:
+    """One HF SwiGLU MLP (``src`` + gate/up/down) -> Megatron fc1/fc2 (``dst``) of one TP rank."""
+    gate, up = hf[f"{src}{names.gate}.weight"], hf[f"{src}{names.up}.weight"]
     return {dst + "linear_fc1.weight": torch.cat([_shard(gate, 0, rank, size), _shard(up, 0, rank, size)]),
-            dst + "linear_fc2.weight": _shard(hf[src + "down_proj.weight"], 1, rank, size)}
+            dst + "linear_fc2.weight": _shard(hf[f"{src}{names.down}.weight"], 1, rank, size)}
 
 
-def _moe_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, size: int) -> dict:
-    """An MoE MLP of one TP rank at expert parallel 1: router, every expert, the shared expert."""
+def _moe_to_megatron(hf: dict, layer: str, dst: str, d: dict, rank: int, size: int,
+                     ep: tuple[int, int]) -> dict:
+    """An MoE MLP of one (TP, EP) rank: router, this EP rank's experts, the shared expert."""
+    names, (ep_rank, ep_size) = d["moe"], ep
+    src = f"{layer}{names.block}."
     out = {dst + "router.weight": hf[src + "gate.weight"].clone()}
-    for e in range(d["experts"]):
-        out.update(_swiglu_to_megatron(hf, f"{src}experts.{e}.", f"{dst}experts.local_experts.{e}.",
-                                       rank, size))
+    local = d["experts"] // ep_size
+    for i in range(local):
+        e = ep_rank * local + i
+        out.update(_swiglu_to_megatron(hf, f"{src}experts.{e}.", f"{dst}experts.local_experts.{i}.",
+                                       rank, size, names))
     if d["shared_expert"]:
         out.update(_swiglu_to_megatron(hf, src + "shared_expert.", dst + "shared_experts.", rank, size))
         if src + "shared_expert_gate.weight" in hf:
@@ -152,17 +201,22 @@ def _moe_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, size: int
 
 
 def hf_to_megatron(hf_state: dict, cfg, tp_rank: int, tp_size: int, *,
-                   padded_vocab_size: int | None = None) -> dict:
-    """The Megatron-Core GPTModel (local spec) state dict of TP rank ``tp_rank`` of ``tp_size``.
+                   padded_vocab_size: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> dict:
+    """The Megatron-Core GPTModel (local spec) state dict of TP rank ``tp_rank`` of ``tp_size``
+    (and, for MoE, expert-parallel rank ``ep_rank`` of ``ep_size``: its experts only).
 
     ``cfg`` is a GPTConfig or a dict with its field names (num_layers, hidden_size,
-    num_attention_heads, num_query_groups, vocab_size, tie_embeddings; kv_channels optional).
+    num_attention_heads, num_query_groups, vocab_size, tie_embeddings; kv_channels,
+    add_qkv_bias, qk_layernorm, num_moe_experts, hf_family optional).
     ``output_layer.weight`` is produced only when ``tie_embeddings`` is false.
     """
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank={tp_rank} must be in [0, tp_size={tp_size})")
     d = _dims(cfg)
-    missing = [k for k in _hf_names(d) if k not in hf_state]
+    if not 0 <= ep_rank < ep_size or (ep_size > 1 and (not d["experts"] or d["experts"] % ep_size)):
+        raise ValueError(f"expert-parallel rank {ep_rank} of {ep_size} does not fit "
+                         f"num_moe_experts={d['experts']}: EP must divide the number of experts")
+    missing = [k for k in hf_names(cfg) if k not in hf_state]
     if missing:
         raise KeyError(f"HF state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
     rows = padded_vocab_size or d["vocab"]
@@ -170,27 +224,61 @@ def hf_to_megatron(hf_state: dict, cfg, tp_rank: int, tp_size: int, *,
     out = {"embedding.word_embeddings.weight":
            _shard(_pad_rows(hf_state["model.embed_tokens.weight"], rows), 0, tp_rank, tp_size)}
     for n in range(d["layers"]):
-        out.update(_layer_to_megatron(hf_state, n, d, tp_rank, tp_size))
+        out.update(_layer_to_megatron(hf_state, n, d, tp_rank, tp_size, (ep_rank, ep_size)))
     out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"].clone()
     if not d["tied"]:
         out["output_layer.weight"] = _shard(_pad_rows(hf_state["lm_head.weight"], rows), 0, tp_rank, tp_size)
     return out
 
 
-def _hf_names(d: dict) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if d["tied"] else ["lm_head.weight"])
-    mlps = ["mlp."]
-    if d["experts"]:
-        mlps = [f"mlp.experts.{e}." for e in range(d["experts"])]
-        mlps += ["mlp.shared_expert."] if d["shared_expert"] else []
+def hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the HF checkpoint of ``cfg`` and its shape, in checkpoint order."""
+    d = _dims(cfg)
+    h, hd, v = d["hidden"], d["head_dim"], d["vocab"]
+    shapes = {"model.embed_tokens.weight": (v, h)}
     for n in range(d["layers"]):
         p = _HF_LAYER.format(n=n)
-        names += [p + s for s in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                  "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                  "input_layernorm.weight", "post_attention_layernorm.weight")]
-        names += [p + m + s for m in mlps for s in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")]
-        names += [p + "mlp.gate.weight"] if d["experts"] else []
-    return names
+        a = p + "self_attn."
+        shapes.update({a + "q_proj.weight": (d["heads"] * hd, h), a + "k_proj.weight": (d["groups"] * hd, h),
+                       a + "v_proj.weight": (d["groups"] * hd, h), a + "o_proj.weight": (h, d["heads"] * hd)})
+        if d["qkv_bias"]:
+            shapes.update({a + "q_proj.bias": (d["heads"] * hd,), a + "k_proj.bias": (d["groups"] * hd,),
+                           a + "v_proj.bias": (d["groups"] * hd,)})
+        if d["qk_norm"]:
+            shapes.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        shapes.update(_mlp_shapes(p, d))
+    shapes["model.norm.weight"] = (h,)
+    if not d["tied"]:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def _mlp_shapes(p: str, d: dict) -> dict:
+    h = d["hidden"]
+    if not d["experts"]:
+        return {p + "mlp.gate_proj.weight": (d["ffn"], h), p + "mlp.up_proj.weight": (d["ffn"], h),
+                p + "mlp.down_proj.weight": (h, d["ffn"])}
+    names, f = d["moe"], d["moe_ffn"]
+    src = f"{p}{names.block}."
+    out = {src + "gate.weight": (d["experts"], h)}
+    for e in range(d["experts"]):
+        x = f"{src}experts.{e}."
+        out.update({f"{x}{names.gate}.weight": (f, h), f"{x}{names.up}.weight": (f, h),
+                    f"{x}{names.down}.weight": (h, f)})
+    if d["shared_expert"]:
+        s = d["shared_expert"]
+        shared = src + "shared_expert."
+        out.update({shared + "gate_proj.weight": (s, h), shared + "up_proj.weight": (s, h),
+                    shared + "down_proj.weight": (h, s)})
+        if d["shared_gate"]:
+            out[src + "shared_expert_gate.weight"] = (1, h)
+    return out
+
+
+def hf_names(cfg) -> list[str]:
+    """The tensor names an HF checkpoint of ``cfg`` must hold (shared-expert gate optional)."""
+    return list(hf_shapes(cfg))
 
 
 def _layer_to_hf(states: list[dict], n: int, d: dict) -> dict:
@@ -198,44 +286,47 @@ def _layer_to_hf(states: list[dict], n: int, d: dict) -> dict:
     local_groups = d["groups"] // len(states)
     qkv = [split_qkv(s[src + "self_attention.linear_qkv.weight"], local_groups, d["head_dim"])
            for s in states]
+    a = dst + "self_attn."
     out = {
-        dst + "self_attn.q_proj.weight": torch.cat([t[0] for t in qkv]),
-        dst + "self_attn.k_proj.weight": torch.cat([t[1] for t in qkv]),
-        dst + "self_attn.v_proj.weight": torch.cat([t[2] for t in qkv]),
-        dst + "self_attn.o_proj.weight":
-            torch.cat([s[src + "self_attention.linear_proj.weight"] for s in states], 1),
+        a + "q_proj.weight": torch.cat([t[0] for t in qkv]),
+        a + "k_proj.weight": torch.cat([t[1] for t in qkv]),
+        a + "v_proj.weight": torch.cat([t[2] for t in qkv]),
+        a + "o_proj.weight": torch.cat([s[src + "self_attention.linear_proj.weight"] for s in states], 1),
         dst + "input_layernorm.weight": states[0][src + "input_layernorm.weight"].clone(),
         dst + "post_attention_layernorm.weight": states[0][src + "pre_mlp_layernorm.weight"].clone(),
     }
+    if d["qkv_bias"]:
+        biases = [split_qkv(s[src + "self_attention.linear_qkv.bias"], local_groups, d["head_dim"])
+                  for s in states]
+        out.update({f"{a}{p}_proj.bias": torch.cat([b[i] for b in biases]) for i, p in enumerate("qkv")})
+    if d["qk_norm"]:
+        out.update({f"{a}{p}_norm.weight": states[0][f"{src}self_attention.{p}_layernorm.weight"].clone()
+                    for p in "qk"})
     if d["experts"]:
-        return {**out, **_moe_to_hf(states, src + "mlp.", dst + "mlp.", d)}
-    fc1 = [s[src + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in states]
-    return {
-        **out,
-        dst + "mlp.gate_proj.weight": torch.cat([g for g, _ in fc1]),
-        dst + "mlp.up_proj.weight": torch.cat([u for _, u in fc1]),
-        dst + "mlp.down_proj.weight": torch.cat([s[src + "mlp.linear_fc2.weight"] for s in states], 1),
-    }
+        return {**out, **_moe_to_hf(states, src + "mlp.", dst, d)}
+    return {**out, **_swiglu_to_hf(states, src + "mlp.", dst + "mlp.")}
 
 
-def _swiglu_to_hf(states: list[dict], src: str, dst: str) -> dict:
-    """Megatron fc1/fc2 (``src``) of every TP rank -> one HF SwiGLU MLP (``dst`` + gate/up/down_proj)."""
+def _swiglu_to_hf(states: list[dict], src: str, dst: str, names: MoENames = MoENames()) -> dict:
+    """Megatron fc1/fc2 (``src``) of every TP rank -> one HF SwiGLU MLP (``dst`` + gate/up/down)."""
     fc1 = [s[src + "linear_fc1.weight"].chunk(2, dim=0) for s in states]
-    return {dst + "gate_proj.weight": torch.cat([g for g, _ in fc1]),
-            dst + "up_proj.weight": torch.cat([u for _, u in fc1]),
-            dst + "down_proj.weight": torch.cat([s[src + "linear_fc2.weight"] for s in states], 1)}
+    return {f"{dst}{names.gate}.weight": torch.cat([g for g, _ in fc1]),
+            f"{dst}{names.up}.weight": torch.cat([u for _, u in fc1]),
+            f"{dst}{names.down}.weight": torch.cat([s[src + "linear_fc2.weight"] for s in states], 1)}
 
 
-def _moe_to_hf(states: list[dict], src: str, dst: str, d: dict) -> dict:
+def _moe_to_hf(states: list[dict], src: str, layer: str, d: dict) -> dict:
     """An MoE MLP gathered over TP (expert parallel 1: every expert in every state)."""
     missing = [e for e in range(d["experts"])
                if f"{src}experts.local_experts.{e}.linear_fc1.weight" not in states[0]]
     if missing:
         raise KeyError(f"{src}experts lacks experts {missing} of {d['experts']}: pass the states of a "
                        "model at expert parallel 1 (export_checkpoint loads any EP layout at EP=1)")
+    names = d["moe"]
+    dst = f"{layer}{names.block}."
     out = {dst + "gate.weight": states[0][src + "router.weight"].clone()}
     for e in range(d["experts"]):
-        out.update(_swiglu_to_hf(states, f"{src}experts.local_experts.{e}.", f"{dst}experts.{e}."))
+        out.update(_swiglu_to_hf(states, f"{src}experts.local_experts.{e}.", f"{dst}experts.{e}.", names))
     if d["shared_expert"]:
         out.update(_swiglu_to_hf(states, src + "shared_experts.", dst + "shared_expert."))
         gate = states[0].get(src + "shared_experts.gate_weight")
@@ -245,9 +336,9 @@ def _moe_to_hf(states: list[dict], src: str, dst: str, d: dict) -> dict:
 
 
 def megatron_to_hf(per_rank_states: list[dict], cfg) -> dict:
-    """Inverse of :func:`hf_to_megatron`: gather the TP ranks' state dicts (in rank order) into one
-    HF-LLaMA state dict. Vocab padding rows are dropped; ``_extra_state`` entries are ignored.
-    Replicated tensors (norms) are taken from rank 0.
+    """Inverse of :func:`hf_to_megatron` at expert parallel 1: gather the TP ranks' state dicts (in
+    rank order) into one HF state dict of ``cfg``'s family. Vocab padding rows are dropped;
+    ``_extra_state`` entries are ignored. Replicated tensors (norms) are taken from rank 0.
     """
     if not per_rank_states:
         raise ValueError("per_rank_states is empty: pass one state dict per TP rank, in rank order")

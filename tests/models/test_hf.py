@@ -41,7 +41,9 @@ def test_read_hf_llama_round_trip(tmp_path, shards):
     assert cfg == {"num_layers": 2, "hidden_size": 24, "ffn_hidden_size": 48, "num_attention_heads": 6,
                    "num_query_groups": 3, "vocab_size": 30, "seq_length": 128, "rotary_base": 100000.0,
                    "norm_epsilon": 1e-5, "normalization": "RMSNorm", "gated_linear_unit": True,
-                   "add_bias_linear": False, "tie_embeddings": False}
+                   "add_bias_linear": False, "tie_embeddings": False, "max_position_embeddings": 128,
+                   "rope_scaling": None, "add_qkv_bias": False, "qk_layernorm": False,
+                   "hf_family": "llama"}
     assert sorted(loaded) == sorted(state)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
@@ -54,9 +56,9 @@ def test_read_hf_llama_tied_drops_lm_head(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM.*not supported"),
+    ({"architectures": ["GemmaForCausalLM"]}, "GemmaForCausalLM.*not supported"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "yarn"),
 ])
 def test_read_hf_llama_rejects_unsupported(tmp_path, change, match):
     write_dir(tmp_path / "m", dict(HF_CONFIG, **change), random_hf_state(ARCH))
