@@ -1,6 +1,6 @@
 # Two entry points, each works on a fresh machine from a clean clone:
 #   make demo   - PTQ of the embedded SmolLM2-135M with the NVFP4 recipe on 2 processes
-#   make test   - the test suite
+#   make test   - the test suite (make test-all adds the tests marked slow: larger layouts, long runs)
 # Both create .venv and install what they need. On machines without an NVIDIA GPU, torch==2.13.0
 # (a CPU wheel) is installed first so that pip never pulls a multi-GB CUDA build.
 PY ?= python3
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 NPROC ?= 2
 RECIPE ?= nvfp4
 
-.PHONY: setup demo test bench clean test-nemo
+.PHONY: setup demo test test-all bench clean test-nemo
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node=$(NPROC) scripts/ptq.py +recipe=$(RECIPE)
 
 test: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
 bench: setup
