@@ -1,0 +1,47 @@
+"""Make the processes Megatron forks to write checkpoint shards die with the process that forked them.
+
+megatron-core's ``FileSystemWriterAsync.write_preloaded_data_multiproc`` forks one writer per
+bucket (``mp.get_context("fork")``). Killed mid-save, the parent leaves those writers running:
+one was seen holding 1.2 GB for minutes. Linux can tie a child's life to its parent with
+``prctl(PR_SET_PDEATHSIG, SIGKILL)``, called in the child; ``os.register_at_fork`` runs our hook in
+every forked child, and the hook acts only while ``die_with_parent()`` is active in the parent.
+Elsewhere (macOS, no libc) it does nothing, which is the old behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import threading
+from typing import Iterator
+
+PR_SET_PDEATHSIG = 1
+_active = threading.local()
+_registered = False
+
+
+def _set_pdeathsig() -> None:
+    if not getattr(_active, "on", False):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+@contextlib.contextmanager
+def die_with_parent() -> Iterator[None]:
+    """Children forked by this thread inside the block get SIGKILL when the parent dies."""
+    global _registered
+    if not _registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_set_pdeathsig)
+        _registered = True
+    _active.on = True
+    try:
+        yield
+    finally:
+        _active.on = False
