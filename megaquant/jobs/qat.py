@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> dict:
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
-    from megaquant.train.state import (check_compatible, latest_checkpoint, load_train_state,
+    from megaquant.train.state import (check_compatible, load_train_state, resume_checkpoint,
                                        save_train_state)
     from megaquant.train.step import StepContext
 
@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
     model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if trainer.resume else None
+    latest = resume_checkpoint(ckpt_root) if trainer.resume else None  # verified, or older
     if latest is not None:  # a recipe mismatch fails now, not after calibration
         check_compatible(latest, recipe)
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
@@ -159,7 +159,7 @@ def run(cfg: DictConfig) -> dict:
     start = 0
     if latest is not None:
         start = load_train_state(model, optimizer, latest, recipe_config=recipe,
-                                 layout=layout)["step"]
+                                 layout=layout, verify=False)["step"]
         if is_rank0():
             log.info("resumed from %s at step %d", latest, start)
     ctx = StepContext(train_windows, batch, groups.dp_group, groups.tp_group, distill, teacher,

@@ -21,12 +21,15 @@ Layout on disk: ``<dir>/step_0000010/`` (one checkpoint each) and ``<dir>/latest
 naming the newest). A save writes the step directory atomically (``save_checkpoint``), and
 only then replaces ``latest`` with ``os.replace``; a crash at any point leaves ``latest``
 naming a complete checkpoint. Old step directories beyond ``keep`` are deleted afterwards.
+Resuming (``resume_checkpoint``) takes the newest step whose files match their SHA-256 manifest:
+a damaged ``latest`` falls back to the previous kept step, with a warning naming both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +45,7 @@ KIND = "megaquant-train-v1"
 OPT_PREFIX = "optimizer."
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 LATEST = "latest"
+log = logging.getLogger("megaquant.train")
 
 
 class TrainState:
@@ -143,6 +147,41 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return target
 
 
+def resume_checkpoint(root: str | Path) -> Path | None:
+    """The newest intact checkpoint to resume from: the one ``latest`` names, or else the newest
+    kept ``step_*`` whose files match their manifest (a warning says which was skipped and why).
+
+    None when ``root`` holds no checkpoint yet; a ValueError listing every candidate's problem
+    when none is intact. Every rank gets the same answer (same files, same checks).
+    """
+    from megaquant import manifest
+
+    root = Path(root)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    candidates = ([named] if named is not None else []) + [p for p in steps if p != named]
+    if not candidates:
+        return None
+    problems = []
+    for candidate in candidates:
+        try:
+            if not candidate.is_dir():
+                raise FileNotFoundError(f"{pointer} names {candidate}, which does not exist")
+            read_metadata(candidate)
+            manifest.verify(candidate)
+        except (OSError, ValueError) as e:
+            problems.append(f"{candidate.name}: {e}")
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint; skipped: %s",
+                        candidate, " | ".join(problems))
+        return candidate
+    raise ValueError(f"no intact checkpoint to resume from under {root}: {' | '.join(problems)}. "
+                     "Restore one, or start over with trainer.resume=false (or another "
+                     "run.output_dir)")
+
+
 def save_train_state(model: nn.Module, optimizer, root: str | Path, *, step: int,
                      metadata: dict[str, Any], keep: int = 2) -> Path:
     """Collective: write ``<root>/step_<step>`` and point ``<root>/latest`` at it."""
@@ -195,7 +234,7 @@ def _norm(cfg: dict | None) -> str:
 
 
 def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,
-                     recipe_config: dict | None, layout: dict) -> dict:
+                     recipe_config: dict | None, layout: dict, verify: bool = True) -> dict:
     """Collective: load a train checkpoint into ``model`` (+ ``optimizer``); return its metadata.
 
     ``model`` must already be quantized with ``recipe_config`` (so its amax buffers exist).
@@ -209,5 +248,5 @@ def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,
     same = all(saved.get(k) == v for k, v in {"ep": 1, **layout}.items())
     if optimizer is not None:
         init_optimizer_state(optimizer, meta["step"])
-    load_checkpoint(TrainState(model, optimizer, with_rng=same), directory)
+    load_checkpoint(TrainState(model, optimizer, with_rng=same), directory, verify=verify)
     return meta
