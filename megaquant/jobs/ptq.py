@@ -1,8 +1,9 @@
 """The PTQ job: build a Megatron GPT, load weights, evaluate, quantize + calibrate, evaluate, save.
 
 Runs the same under torchrun, srun or a single process, on CPU (gloo) or GPU (NCCL). Writes to
-``run.output_dir``: ``checkpoint/`` (Megatron distributed checkpoint with quantizer state,
-written atomically), ``summary.json`` and ``report.md``.
+``run.output_dir``: ``checkpoint/`` (Megatron distributed checkpoint with quantizer state),
+``summary.json`` and ``report.md``, all three staged and committed with one rename under the
+output directory's lock (``megaquant.outdir``); ``run.overwrite=false`` refuses a non-empty one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,10 +72,19 @@ def _ppl(loss: float) -> float:
 
 def run(cfg: DictConfig) -> dict:
     """Run PTQ as configured; returns the summary (also written to summary.json on rank 0)."""
+    from megaquant.megatron.dist import init_distributed
+    from megaquant.outdir import claim_output_dir
+
+    t_start = time.perf_counter()
+    init_distributed(timeout_s=float(cfg.run.timeout_s))
+    with claim_output_dir(cfg.run.output_dir, overwrite=bool(cfg.run.overwrite)) as out:
+        return _run(cfg, out, t_start)
+
+
+def _run(cfg: DictConfig, out, t_start: float) -> dict:
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.megatron.dist import init_distributed, init_model_parallel
 
-    t_start = time.perf_counter()
     if "recipe" not in cfg:
         raise ValueError("choose a recipe: +recipe=NAME, one of "
                          f"{available_recipes()}")
@@ -110,7 +119,6 @@ def run(cfg: DictConfig) -> dict:
     loss_q = evaluate_loss(model, evals, groups.dp_group)
     t_eval_q = time.perf_counter()
 
-    out = Path(cfg.run.output_dir)
     summary = {
         "recipe": recipe.name,
         "recipe_config": OmegaConf.to_container(cfg.recipe, resolve=True),
@@ -138,12 +146,13 @@ def run(cfg: DictConfig) -> dict:
         meta = {"recipe": recipe.name, "recipe_config": summary["recipe_config"],
                 "arch": summary["model"]["arch"], "parallel": summary["parallel"],
                 "tokenizer": loaded.tokenizer_source}
-        save_checkpoint(model, out / "checkpoint", metadata=meta)
+        save_checkpoint(model, out.staging / "checkpoint", metadata=meta)
     summary["wall_s"]["total"] = time.perf_counter() - t_start
     if is_rank0():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "summary.json", summary)
-        (out / "report.md").write_text(render_report(summary))
+        write_json_atomic(out.staging / "summary.json", summary)
+        (out.staging / "report.md").write_text(render_report(summary))
+    out.commit()  # checkpoint, summary and report appear together
+    if is_rank0():
         log.info("\n%s", render_report(summary))
     return summary
 

@@ -108,15 +108,8 @@ def _data(cfg: DictConfig, tokenizer, seq: int):
 
 def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
-    from megaquant.evaluate import evaluate_loss, run_forward
-    from megaquant.integrations.nemo import quantize_for_training
-    from megaquant.jobs.ptq import _even_over_dp, build_model
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
-    from megaquant.train.loop import train
-    from megaquant.train.optim import build_optimizer
-    from megaquant.train.state import (check_compatible, load_train_state, resume_checkpoint,
-                                       save_train_state)
-    from megaquant.train.step import StepContext
+    from megaquant.megatron.dist import init_distributed
+    from megaquant.train.state import check_compatible, resume_checkpoint
 
     t0 = time.perf_counter()
     model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
@@ -126,6 +119,25 @@ def run(cfg: DictConfig) -> dict:
     if latest is not None:  # a recipe mismatch fails now, not after calibration
         check_compatible(latest, recipe)
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
+    from megaquant.outdir import claim_output_dir
+
+    with claim_output_dir(cfg.run.output_dir, overwrite=True, staging=False):
+        return _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
+                           init_from, ckpt_root, latest)
+
+
+def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch, init_from,
+                ckpt_root, latest) -> dict:
+    """The QAT run proper, with ``run.output_dir`` locked against a second run."""
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.integrations.nemo import quantize_for_training
+    from megaquant.jobs.ptq import _even_over_dp, build_model
+    from megaquant.megatron.dist import init_model_parallel
+    from megaquant.train.loop import train
+    from megaquant.train.optim import build_optimizer
+    from megaquant.train.state import load_train_state, save_train_state
+    from megaquant.train.step import StepContext
+
     par = cfg.parallel
     loaded = load_model_source(model_cfg)
     loaded.arch.check_tensor_parallel(int(par.tp))
