@@ -270,8 +270,11 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     """
     from megaquant.models.mapping import megatron_to_hf
 
+    from megaquant.finite import check_quantized_finite, check_tensors_finite
+
     if arch.num_moe_experts:
         check_moe_model(model, arch)
+    check_quantized_finite(model, before="export")
     scheme, quantized, excluded = collect(model, arch)
     chosen, skipped = _resolve_layouts(layouts, scheme)
     state = {k: v.detach() for k, v in model.state_dict().items()
@@ -290,6 +293,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             d.mkdir()
             tensors = _layout_tensors(hf_state, quantized, layout, scheme)
             check_claims(tensors, quantized, excluded, layout, scheme, source_dtype)
+            check_tensors_finite(tensors, before=f"writing the {layout} export")
             if arch.num_moe_experts:
                 check_experts_complete(tensors.keys(), arch)
             files = write_safetensors(d, tensors, max_shard_bytes)

@@ -141,7 +141,10 @@ def _run(cfg: DictConfig, out, t_start: float) -> dict:
                    "eval_quant": t_eval_q - t_calib},
     }
     if cfg.run.save_checkpoint:
+        from megaquant.finite import check_quantized_finite
         from megaquant.megatron.checkpoint import save_checkpoint
+
+        check_quantized_finite(model, before="saving the checkpoint")  # collective verdict
 
         meta = {"recipe": recipe.name, "recipe_config": summary["recipe_config"],
                 "arch": summary["model"]["arch"], "parallel": summary["parallel"],
