@@ -39,6 +39,7 @@ from megaquant.export.moe import check_experts_complete, check_moe_model, moe_co
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
+from megaquant.manifest import write_manifest
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -243,8 +244,11 @@ def _resolve_layouts(layouts, scheme: str) -> tuple[list[str], dict]:
     skipped = {lay: f"{lay} has no layout for scheme {scheme}" for lay in L.LAYOUTS
                if lay not in chosen}
     if not chosen or (layouts not in ("auto", None) and len(chosen) < len(asked)):
-        raise ValueError(f"scheme {scheme} cannot be written as {asked}: {skipped}; layouts that "
-                         f"can: {[lay for lay in L.LAYOUTS if L.supports(lay, scheme)]}")
+        cannot = [lay for lay in asked if not L.supports(lay, scheme)]
+        can = [lay for lay in L.LAYOUTS if L.supports(lay, scheme)]
+        raise ValueError(f"scheme {scheme} cannot be written as {cannot}: no layout for it there; "
+                         f"layouts that can write it: {can or 'none'}"
+                         + (f" (set layouts={can} or layouts=auto)" if can else ""))
     return chosen, skipped
 
 
@@ -265,8 +269,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     ``layouts``: ``"auto"`` (every layout that has the model's scheme) or a list of
     ``"modelopt"``/``"compressed-tensors"`` (an error if one of them cannot hold the scheme).
     ``tokenizer``: a megaquant ``Tokenizer`` or ``tokenizers.Tokenizer`` (written as
-    tokenizer.json), or None when the source model had none. Writes ``out_dir/<layout>/`` and
-    ``out_dir/export_report.json`` atomically.
+    tokenizer.json), or None when the source model had none. Writes ``out_dir/<layout>/``,
+    ``out_dir/export_report.json`` and ``out_dir/manifest.json`` (SHA-256 of every file) atomically.
     """
     from megaquant.models.mapping import megatron_to_hf
 
@@ -307,6 +311,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                 _save_tokenizer(tokenizer, d)
             report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params)}
         write_json(tmp / "export_report.json", report.to_dict())
+        write_manifest(tmp)  # SHA-256 of every file; check with `megaquant verify DIR`
     return report
 
 

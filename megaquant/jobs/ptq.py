@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import megaquant
 from megaquant.jobs.common import (
+    check_data_sizes,
     is_rank0,
     load_model_source,
     resolve_text,
@@ -89,6 +90,7 @@ def _run(cfg: DictConfig, out, t_start: float) -> dict:
         raise ValueError("choose a recipe: +recipe=NAME, one of "
                          f"{available_recipes()}")
     recipe = load_recipe(OmegaConf.to_container(cfg.recipe, resolve=True))
+    check_data_sizes(cfg)
     calib_path = resolve_text(cfg.data.calib_text, "default_calib_text")
     eval_path = resolve_text(cfg.data.eval_text, "default_eval_text")
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))

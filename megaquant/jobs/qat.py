@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megaquant.jobs.common import is_rank0, load_model_source, resolve_text, token_batches, \
-    write_json_atomic
+from megaquant.jobs.common import check_data_sizes, is_rank0, load_model_source, resolve_text, \
+    token_batches, write_json_atomic
 from megaquant.train.config import (BatchConfig, DistillConfig, OptimConfig, TrainerConfig,
                                     resolve_precision)
 
@@ -113,6 +113,7 @@ def run(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
+    check_data_sizes(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
     latest = resume_checkpoint(ckpt_root) if trainer.resume else None  # verified, or older

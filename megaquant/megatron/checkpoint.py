@@ -90,11 +90,13 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, *,
     except BaseException as e:
         if rank0:
             shutil.rmtree(partial, ignore_errors=True)  # a failed save leaves nothing behind
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"saving the checkpoint {target} failed, its partial files "
-                          f"were removed ({e.strerror or e}); free space or pick another "
-                          "directory") from e
-        raise
+        if not isinstance(e, Exception):
+            raise
+        why = f"saving the checkpoint {target} failed ({type(e).__name__}: {e}); its partial " \
+              "files were removed. If the disk is full, free space or choose another directory"
+        if isinstance(e, OSError):  # Megatron's writer reports ENOSPC as RuntimeError
+            raise OSError(e.errno, why) from e
+        raise RuntimeError(why) from e
     if rank0:
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():

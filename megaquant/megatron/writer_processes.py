@@ -15,31 +15,41 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
 PR_SET_PDEATHSIG = 1
 _active = threading.local()
 _registered = False
+_libc = None
+_parent_pid = 0
 
 
 def _set_pdeathsig() -> None:
-    if not getattr(_active, "on", False):
+    if not getattr(_active, "on", False) or _libc is None:
         return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != _parent_pid:  # the parent died before prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_libc():
+    try:  # loaded in the parent: the child must call prctl at once, not search for libc
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
 def die_with_parent() -> Iterator[None]:
     """Children forked by this thread inside the block get SIGKILL when the parent dies."""
-    global _registered
-    if not _registered and hasattr(os, "register_at_fork"):
+    global _registered, _libc, _parent_pid
+    if not _registered and hasattr(os, "register_at_fork") and sys.platform == "linux":
+        _libc = _load_libc()
         os.register_at_fork(after_in_child=_set_pdeathsig)
         _registered = True
+    _parent_pid = os.getpid()
     _active.on = True
     try:
         yield

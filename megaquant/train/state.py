@@ -223,10 +223,30 @@ def check_compatible(directory: str | Path, recipe_config: dict | None, *,
                          f"was expected{hint}")
     saved = meta.get("recipe_config")
     if _norm(saved) != _norm(recipe_config):
+        diff = recipe_differences(saved, recipe_config)
         raise ValueError(f"{directory} was made with recipe {describe_recipe(saved)}, but this run "
-                         f"uses {describe_recipe(recipe_config)}; set model.quantization to the "
-                         "checkpoint's recipe or start from another directory")
+                         f"uses {describe_recipe(recipe_config)}; they differ in {diff}. Set "
+                         "model.quantization (and its options) to the checkpoint's recipe or "
+                         "start from another directory")
     return record
+
+
+def recipe_differences(saved, current, path: str = "", limit: int = 4) -> str:
+    """``rules[0].weight.block_size: 7 in the checkpoint, 16 in this run; ...`` (first few)."""
+    out: list[str] = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, "(absent)"), b.get(k, "(absent)"), f"{where}.{k}" if where else k)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif a != b:
+            out.append(f"{where or 'the recipe'}: {a!r} in the checkpoint, {b!r} in this run")
+
+    walk(saved, current, path)
+    return "; ".join(out[:limit]) + (f"; and {len(out) - limit} more" if len(out) > limit else "")
 
 
 def _norm(cfg: dict | None) -> str:
