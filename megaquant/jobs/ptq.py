@@ -77,15 +77,14 @@ def run(cfg: DictConfig) -> dict:
     from megaquant.outdir import claim_output_dir
 
     t_start = time.perf_counter()
+    inputs = _checked_inputs(cfg)  # bad input fails before the output directory is touched
     init_distributed(timeout_s=float(cfg.run.timeout_s))
     with claim_output_dir(cfg.run.output_dir, overwrite=bool(cfg.run.overwrite)) as out:
-        return _run(cfg, out, t_start)
+        return _run(cfg, out, t_start, *inputs)
 
 
-def _run(cfg: DictConfig, out, t_start: float) -> dict:
-    from megaquant.evaluate import evaluate_loss, run_forward
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
-
+def _checked_inputs(cfg: DictConfig):
+    """(recipe, calibration text, evaluation text), every config value checked by name."""
     if "recipe" not in cfg:
         raise ValueError("choose a recipe: +recipe=NAME, one of "
                          f"{available_recipes()}")
@@ -93,6 +92,13 @@ def _run(cfg: DictConfig, out, t_start: float) -> dict:
     check_data_sizes(cfg)
     calib_path = resolve_text(cfg.data.calib_text, "default_calib_text")
     eval_path = resolve_text(cfg.data.eval_text, "default_eval_text")
+    return recipe, calib_path, eval_path
+
+
+def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) -> dict:
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
     par = cfg.parallel
     loaded = load_model_source(OmegaConf.to_container(cfg.model, resolve=True))

@@ -48,6 +48,10 @@ from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_read
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
 COMMON_FILE = "common.pt"
+if not hasattr(mcore_torch, "_get_filesystem_reader"):  # never fall back to the unsafe reader
+    raise ImportError("megatron-core no longer has strategies.torch._get_filesystem_reader, "
+                      "which megaquant's safe checkpoint loading replaces; update "
+                      "megaquant/megatron/safe_load.py for this Megatron release")
 
 # Exactly what torch's DCP (2.4 .. 2.13) pickles into ``.metadata``; see the module docstring.
 _DCP = "torch.distributed.checkpoint."

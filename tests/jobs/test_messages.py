@@ -142,3 +142,41 @@ def test_writer_children_die_with_their_parent(tmp_path):
     else:
         os.kill(child, 9)
         pytest.fail(f"child {child} outlived its parent")
+
+
+def _no_recipe(tmp_path):
+    from omegaconf import OmegaConf
+
+    from megaquant.jobs.ptq import _checked_inputs
+
+    _checked_inputs(OmegaConf.create({"model": {"seq_length": 8}, "data": {}}))
+
+
+def _hf_path(tmp_path):
+    from megaquant.jobs.common import load_model_source
+
+    load_model_source({"source": "hf", "path": str(tmp_path / "nope"), "seq_length": 8})
+
+
+def _not_a_checkpoint(tmp_path):
+    from megaquant.megatron.checkpoint import read_metadata
+
+    read_metadata(tmp_path / "nope" / "checkpoint")
+
+
+def _tokenizer(tmp_path):
+    from megaquant.export.job import resolve_tokenizer
+
+    resolve_tokenizer(str(tmp_path / "nope"), "tiny")
+
+
+@pytest.mark.parametrize("case, message", [
+    (_no_recipe, r"choose a recipe: \+recipe=NAME, one of \["),
+    (_hf_path, r"model.path '.*nope' is not a directory \(model.source=hf\)"),
+    (_not_a_checkpoint, r"megaquant.json not found: .*nope/checkpoint is not a megaquant checkpoint"),
+    (_tokenizer, r"tokenizer='.*nope': expected auto \| none \| smollm2"),
+], ids=["no_recipe", "hf_path", "not_a_checkpoint", "tokenizer"])
+def test_clear_refusals_name_the_problem(tmp_path, case, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        case(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
