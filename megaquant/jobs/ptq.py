@@ -28,8 +28,11 @@ from megaquant.recipe import available_recipes, load_recipe
 log = logging.getLogger("megaquant.ptq")
 
 
-def build_model(loaded, groups, build: str):
-    """The GPT model for this rank, weights loaded; its linears quantized when build='spec'."""
+def build_model(loaded, groups, build: str, seed: int = 1234):
+    """The GPT model for this rank, weights loaded; its linears quantized when build='spec'.
+
+    A random MoE model is drawn from ``seed`` in full and sharded (``jobs/random_moe.py``), so it
+    is the same model at every TP/EP layout."""
     from megaquant.models.gpt import build_gpt_model
     from megaquant.spec import get_spec_provider
 
@@ -37,10 +40,18 @@ def build_model(loaded, groups, build: str):
         raise ValueError(f"run.build must be 'spec' or 'convert', got {build!r}")
     backend = get_spec_provider("local") if build == "spec" else None
     model = build_gpt_model(loaded.arch, backend, tp_size=groups.tp, ep_size=groups.ep)
-    if loaded.hf_state is not None:
+    hf_state = loaded.hf_state
+    if hf_state is None and loaded.checkpoint is None and loaded.arch.num_moe_experts:
+        from megaquant.jobs.random_moe import random_moe_hf_state
+
+        hf_state = random_moe_hf_state(loaded.arch, seed)
+    if hf_state is not None:
+        from megaquant.jobs.random_moe import local_experts
         from megaquant.models.mapping import hf_to_megatron
 
-        state = hf_to_megatron(loaded.hf_state, loaded.arch, groups.tp_rank, groups.tp)
+        state = hf_to_megatron(hf_state, loaded.arch, groups.tp_rank, groups.tp)
+        if loaded.arch.num_moe_experts:
+            state = local_experts(state, groups.ep_rank, groups.ep, loaded.arch.num_moe_experts)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
@@ -107,7 +118,7 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) ->
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     t_setup = time.perf_counter()
-    model = build_model(loaded, groups, cfg.run.build)
+    model = build_model(loaded, groups, cfg.run.build, seed=int(cfg.run.seed))
     seq, mb = int(cfg.model.seq_length), int(cfg.data.micro_batch)
     # Calibration sees the same seq_length-token inputs as evaluation (which drops the last token).
     calib = [b[:, :-1] for b in

@@ -146,13 +146,13 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
-    model = build_model(loaded, groups, "spec")
+    model = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))
     train_windows, calib, evals = _data(cfg, loaded.tokenizer, int(model_cfg["seq_length"]))
     if groups.ep > 1:  # every DP rank must run as many forwards as its EP peers (ptq.py)
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     teacher = None
     if distill.enabled:
-        teacher = build_model(loaded, groups, "spec")  # same weights, quantizers stay off
+        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))  # same weights, quantizers stay off
         teacher.load_state_dict(model.state_dict(), strict=True)
         teacher.eval().requires_grad_(False)
     evaluate = lambda m: evaluate_loss(m, evals, groups.dp_group)  # noqa: E731
