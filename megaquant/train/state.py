@@ -189,6 +189,9 @@ def save_train_state(model: nn.Module, optimizer, root: str | Path, *, step: int
     meta = {**metadata, "kind": KIND, "step": step}
     if optimizer is not None and not optimizer.state:
         init_optimizer_state(optimizer, 0)  # zeros at step 0 are what a fresh AdamW starts from
+    from megaquant.finite import check_quantized_finite
+
+    check_quantized_finite(model, before=f"saving the train checkpoint of step {step}")
     target = save_checkpoint(TrainState(model, optimizer), step_dir(root, step), metadata=meta)
     if dist.get_rank() == 0:
         tmp = root / f".{LATEST}.tmp"

@@ -49,3 +49,20 @@ def test_resume_with_nothing_saved_starts_fresh(tmp_path):
     from megaquant.train.state import resume_checkpoint
 
     assert resume_checkpoint(tmp_path / "checkpoints") is None
+
+
+def test_train_checkpoint_with_nan_weight_is_not_saved(two_steps):
+    from megaquant.train.state import save_train_state
+
+    model, opt, root = two_steps
+    weight = model.get_submodule("decoder.layers.0.mlp.linear_fc1").weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    try:
+        with pytest.raises(FloatingPointError, match=r"step 3.*linear_fc1.weight \(1 NaN"):
+            save_train_state(model, opt, root, step=3, metadata={"recipe_config": None})
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert not (root / "step_0000003").exists()
