@@ -32,8 +32,8 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch.distributed as dist
 
@@ -62,7 +62,7 @@ class OutputDir:
             raise ValueError(f"{self.key}={self.target} is a file; choose a directory path")
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.lock_path, "a+")
+            fh = open(self.lock_path, "a+")  # noqa: SIM115 - held open (locked) for the run
         except OSError as e:
             raise OSError(e.errno, f"cannot create {self.lock_path} for {self.key}: "
                           f"{e.strerror}; choose a writable {self.key}") from e

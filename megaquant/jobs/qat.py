@@ -152,7 +152,8 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     teacher = None
     if distill.enabled:
-        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))  # same weights, quantizers stay off
+        # same weights, quantizers stay off
+        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))
         teacher.load_state_dict(model.state_dict(), strict=True)
         teacher.eval().requires_grad_(False)
     evaluate = lambda m: evaluate_loss(m, evals, groups.dp_group)  # noqa: E731

@@ -37,8 +37,9 @@ import contextlib
 import io
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
@@ -132,7 +133,7 @@ class _WeightsOnlyBytes:
     the planner (which calls ``torch.load(weights_only=False)``) sees the same in-memory bytes.
     Having passed the weights-only unpickler, the bytes reference only allowed callables."""
 
-    def __init__(self, planner, reader: "SafeFileSystemReader"):
+    def __init__(self, planner, reader: SafeFileSystemReader):
         self._planner, self._reader = planner, reader
 
     def __getattr__(self, name):

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 PR_SET_PDEATHSIG = 1
 _active = threading.local()

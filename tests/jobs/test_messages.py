@@ -128,7 +128,7 @@ def test_writer_children_die_with_their_parent(tmp_path):
     from tests.distributed_utils import ROOT
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, check=True)
     child = int(out.stdout.split()[0])
     for _ in range(100):  # the kernel delivers SIGKILL at the parent's exit; allow scheduling
         try:

@@ -69,10 +69,9 @@ def test_claim_commits_everything_at_once_or_nothing(tmp_path):
     from megaquant.outdir import claim_output_dir
 
     out = _dir_with(tmp_path / "out", **{"summary.json": "old", "report.md": "old"})
-    with pytest.raises(RuntimeError, match="boom"):
-        with claim_output_dir(out, overwrite=True) as claimed:
-            (claimed.staging / "summary.json").write_text("new")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), claim_output_dir(out, overwrite=True) as claimed:
+        (claimed.staging / "summary.json").write_text("new")
+        raise RuntimeError("boom")
     assert _tree(out) == {"summary.json": "old", "report.md": "old"}
     assert not (tmp_path / ".out.partial").exists()
     with claim_output_dir(out, overwrite=True) as claimed:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megaquant.megatron.dist import init_distributed, init_model_parallel  # noqa: E402
+from megaquant.megatron.dist import init_distributed, init_model_parallel
 
 init_distributed(timeout_s=float(sys.argv[1]))
 groups = init_model_parallel(tp=1, pp=1, ep=2)
@@ -23,7 +23,7 @@ dist.barrier()
 if dist.get_rank() == 1:
     os.kill(os.getpid(), signal.SIGSTOP)
     sys.exit(0)
-from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core import parallel_state as ps
 
 named = {n: getattr(groups, n) for n in ("tp_group", "dp_group", "ep_group", "expt_dp_group")}
 named["dp_gloo"] = ps.get_data_parallel_group_gloo()

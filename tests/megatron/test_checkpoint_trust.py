@@ -48,7 +48,7 @@ def _byte_item(directory):
     """(file, offset, length) of one ShardedObject (byte item) inside a .distcp file."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    md = pickle.load(open(directory / ".metadata", "rb"))
+    md = pickle.loads((directory / ".metadata").read_bytes())
     for index, info in md.storage_data.items():
         if isinstance(md.state_dict_metadata[index.fqn], BytesStorageMetadata):
             return md, index, info
@@ -170,3 +170,14 @@ def test_manifest_lists_every_file_and_roundtrip_loads(ckpt):
     on_disk = {p.name for p in directory.iterdir()} - {"manifest.json"}
     assert listed == on_disk and {".metadata", "common.pt", "megaquant.json"} <= listed
     assert load_checkpoint(model, directory) == {"recipe": "fp8"}
+
+
+def test_megaquant_verify_command(ckpt, capsys):
+    from megaquant.cli import main
+
+    _, directory = ckpt
+    assert main(["verify", str(directory)]) == 0
+    assert f"OK {directory}" in capsys.readouterr().out
+    _flip_bits(directory)
+    assert main(["verify", str(directory)]) == 1
+    assert "__0_0.distcp does not match its SHA-256" in capsys.readouterr().err
