@@ -109,20 +109,24 @@ def _data(cfg: DictConfig, tokenizer, seq: int):
 def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
     from megaquant.megatron.dist import init_distributed
-    from megaquant.train.state import check_compatible, resume_checkpoint
+    from megaquant.outdir import claim_output_dir
+    from megaquant.train.state import check_compatible, recover_step_leftovers, resume_checkpoint
 
     t0 = time.perf_counter()
     model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
     check_data_sizes(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
-    latest = resume_checkpoint(ckpt_root) if trainer.resume else None  # verified, or older
-    if latest is not None:  # a recipe mismatch fails now, not after calibration
-        check_compatible(latest, recipe)
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
-    from megaquant.outdir import claim_output_dir
-
     with claim_output_dir(cfg.run.output_dir, overwrite=True, staging=False):
+        if is_rank0():  # under the lock: nobody else is writing these
+            for note in recover_step_leftovers(ckpt_root):
+                log.warning("%s", note)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        latest = resume_checkpoint(ckpt_root) if trainer.resume else None  # verified, or older
+        if latest is not None:  # a recipe mismatch fails now, not after calibration
+            check_compatible(latest, recipe)
         return _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
                            init_from, ckpt_root, latest)
 

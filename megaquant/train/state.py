@@ -147,6 +147,28 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return target
 
 
+def recover_step_leftovers(root: str | Path) -> list[str]:
+    """Clean what a killed save left in ``root`` (call under the output-directory lock).
+
+    ``.step_N.partial`` was never committed: deleted. ``.step_N.old`` is the previous copy of a
+    step being replaced: renamed back when ``step_N`` is missing (killed between the renames),
+    else deleted. Returns one note per action, for the log.
+    """
+    root, notes = Path(root), []
+    for partial in sorted(root.glob(".step_*.partial")):
+        shutil.rmtree(partial, ignore_errors=True)
+        notes.append(f"removed {partial}, left by an interrupted save")
+    for old in sorted(root.glob(".step_*.old")):
+        target = root / old.name[1:-len(".old")]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            notes.append(f"removed {old}, left by a save killed after committing")
+        else:
+            old.rename(target)
+            notes.append(f"restored {target} from {old} (a save was killed while swapping)")
+    return notes
+
+
 def resume_checkpoint(root: str | Path) -> Path | None:
     """The newest intact checkpoint to resume from: the one ``latest`` names, or else the newest
     kept ``step_*`` whose files match their manifest (a warning says which was skipped and why).

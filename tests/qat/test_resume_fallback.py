@@ -66,3 +66,16 @@ def test_train_checkpoint_with_nan_weight_is_not_saved(two_steps):
         with torch.no_grad():
             weight.copy_(saved)
     assert not (root / "step_0000003").exists()
+
+
+def test_leftovers_of_a_killed_step_save_are_cleaned(tmp_path):
+    from megaquant.train.state import recover_step_leftovers
+
+    for name in (".step_0000004.partial", ".step_0000002.old", "step_0000003", ".step_0000003.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    notes = recover_step_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000003"]
+    assert (tmp_path / "step_0000002" / "f").read_text() == ".step_0000002.old"  # restored
+    assert (tmp_path / "step_0000003" / "f").read_text() == "step_0000003"  # the newer one kept
+    assert len(notes) == 3 and any("restored" in n for n in notes)
