@@ -15,8 +15,9 @@ load silently, a truncated one gives a bare ``EOFError``. A digest mismatch is c
 byte is interpreted. Directories written before manifests existed have none: ``verify`` then
 returns ``False`` (callers warn) rather than refusing them.
 
-Hashing is streamed (1 MiB reads): about 1-2 s per GB on one core. Under several ranks, callers
-split the files (``files[rank::world]``) and combine the verdicts.
+Hashing is streamed (1 MiB reads); measured 153 MB/s on one core of the loaded 2-core dev box
+(about 7 s per GB). Under several ranks, ``checkpoint.verify_checkpoint`` splits the files
+(``files[rank::world]``) and gathers the verdicts.
 """
 
 from __future__ import annotations
