@@ -77,3 +77,16 @@ def test_export_refuses_nonfinite_unquantized_tensor(models, tmp_path):
         with torch.no_grad():
             emb.copy_(saved)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_nan_in_one_tp_shard_stops_every_rank():
+    """The verdict is all-reduced: a NaN only in rank 1's shard must not leave rank 0 saving
+    (and then waiting in the save's collectives)."""
+    from tests.distributed_utils import run_ranks
+    from tests.export.finite_tp_worker import nan_on_rank1
+
+    rank0, rank1 = run_ranks(nan_on_rank1, 2, timeout_s=240)
+    assert "on another rank" in rank0, rank0
+    assert f"{LAYER}.weight (1 NaN" in rank1, rank1
