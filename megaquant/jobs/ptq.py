@@ -84,13 +84,14 @@ def _ppl(loss: float) -> float:
 
 def run(cfg: DictConfig) -> dict:
     """Run PTQ as configured; returns the summary (also written to summary.json on rank 0)."""
-    from megaquant.megatron.dist import init_distributed
+    from megaquant.megatron.dist import explain_timeouts, init_distributed
     from megaquant.outdir import claim_output_dir
 
     t_start = time.perf_counter()
     inputs = _checked_inputs(cfg)  # bad input fails before the output directory is touched
     init_distributed(timeout_s=float(cfg.run.timeout_s))
-    with claim_output_dir(cfg.run.output_dir, overwrite=bool(cfg.run.overwrite)) as out:
+    with explain_timeouts(), \
+            claim_output_dir(cfg.run.output_dir, overwrite=bool(cfg.run.overwrite)) as out:
         return _run(cfg, out, t_start, *inputs)
 
 

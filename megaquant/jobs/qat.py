@@ -108,7 +108,7 @@ def _data(cfg: DictConfig, tokenizer, seq: int):
 
 def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
-    from megaquant.megatron.dist import init_distributed
+    from megaquant.megatron.dist import explain_timeouts, init_distributed
     from megaquant.outdir import claim_output_dir
     from megaquant.train.state import check_compatible, recover_step_leftovers, resume_checkpoint
 
@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict:
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
-    with claim_output_dir(cfg.run.output_dir, overwrite=True, staging=False):
+    with explain_timeouts(), claim_output_dir(cfg.run.output_dir, overwrite=True, staging=False):
         if is_rank0():  # under the lock: nobody else is writing these
             for note in recover_step_leftovers(ckpt_root):
                 log.warning("%s", note)

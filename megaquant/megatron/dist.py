@@ -22,12 +22,13 @@ groups; everything below it receives groups explicitly (``ParallelGroups``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -171,6 +172,22 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
         timeout=timedelta(seconds=timeout_s),
     )
     return _env_from_group(local_rank)
+
+
+@contextlib.contextmanager
+def explain_timeouts(key: str = "run.timeout_s") -> Iterator[None]:
+    """Re-raise a collective timeout (gloo: "Timed out waiting ...ms", NCCL: "Watchdog caught
+    collective operation timeout") as an error that says what it means and what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "timed out" not in text and "timeout" not in text:
+            raise
+        raise RuntimeError(
+            f"a collective waited {key}={_timeout_s:g} s for another rank: one rank died, hung "
+            "or was stopped (see its log; the first rank to fail names the cause). If the ranks "
+            f"are only slow, raise {key}. ({str(e).splitlines()[0][:300]})") from e
 
 
 def check_master_port(info: Optional[LaunchInfo]) -> None:

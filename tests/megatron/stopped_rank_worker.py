@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megaquant.megatron.dist import init_distributed, init_model_parallel
+from megaquant.megatron.dist import explain_timeouts, init_distributed, init_model_parallel
 
 init_distributed(timeout_s=float(sys.argv[1]))
 groups = init_model_parallel(tp=1, pp=1, ep=2)
@@ -32,9 +32,10 @@ for name, pg in named.items():
           flush=True)
 start = time.monotonic()
 try:
-    dist.all_reduce(torch.ones(4), group=groups.dp_group)
+    with explain_timeouts():
+        dist.all_reduce(torch.ones(4), group=groups.dp_group)
 except Exception as e:  # noqa: BLE001 - report what a user would see
     print(f"failed after {time.monotonic() - start:.1f} s: {type(e).__name__}: "
-          f"{str(e).splitlines()[0][:200]}", flush=True)
+          f"{str(e).splitlines()[0][:400]}", flush=True)
     sys.exit(3)
 print("all_reduce returned", flush=True)
