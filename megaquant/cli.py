@@ -1,6 +1,7 @@
 """The ``megaquant`` console command: a dispatcher over subcommands.
 
     megaquant doctor [--te-src DIR] [--json] [--require-te]
+    megaquant verify DIR [DIR ...]
 
 Each subcommand is a module with ``main(argv) -> int``; this file only routes to it, so a
 subcommand's imports (torch, megatron) are paid only when it runs.
@@ -14,6 +15,7 @@ import sys
 
 SUBCOMMANDS = {
     "doctor": ("megaquant.doctor", "versions and TE operand positions; run after upgrading TE"),
+    "verify": ("megaquant.verify", "check a checkpoint or export against its SHA-256 manifest"),
 }
 
 

@@ -30,7 +30,11 @@ def read_text(path: str | Path, *, config_key: str = "data.calib_text / data.eva
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist; set the config key "
                                 f"{config_key} to an existing UTF-8 text file")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{config_key}={str(path)!r} is not UTF-8 text (byte {e.start}: "
+                         f"{e.reason}); give a UTF-8 text file, or null for the default") from e
 
 
 def token_batches(path: str | Path, tokenizer, num_samples: int, seq_len: int, *,

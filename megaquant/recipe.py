@@ -85,6 +85,24 @@ def canonical_recipe(recipe: "dict | None") -> "dict | None":
     return None if recipe is None else load_recipe(recipe).to_dict()
 
 
+def _check_servable_block(fmt: QuantFormat) -> None:
+    """Refuse block sizes no serving engine implements, at recipe time rather than at export.
+
+    NVFP4 is defined with blocks of 16 (E4M3 scale per 16 values: Blackwell tensor cores,
+    TensorRT-LLM, vLLM); INT4 group sizes in engines (Marlin/Machete, TensorRT-LLM) are powers
+    of two (32, 64, 128). Fake quantization would accept any size, with a ragged last block, and
+    the run would only fail at export.
+    """
+    name, block = type(fmt).__name__, getattr(fmt, "block_size", None)
+    if name == "NVFP4" and block != 16:
+        raise ValueError(f"NVFP4: block_size={block} is not servable: NVFP4 uses blocks of 16 "
+                         "(Blackwell tensor cores, TensorRT-LLM, vLLM); use block_size: 16")
+    if name == "INT4" and (block < 8 or block & (block - 1)):
+        raise ValueError(f"INT4: block_size={block} is not servable: engines use power-of-two "
+                         "group sizes (32, 64 or 128, dividing every input dimension); pick one "
+                         "of those")
+
+
 @dataclass(frozen=True)
 class QuantizerConfig:
     """How one tensor role is quantized: a format, its options, and its quantizer mode.
@@ -100,7 +118,7 @@ class QuantizerConfig:
     def __post_init__(self):
         if self.mode not in AMAX_MODES:
             raise ValueError(f"amax must be one of {AMAX_MODES}, got {self.mode!r}")
-        self.build_format()  # validates the format name and its options now, not mid-run
+        _check_servable_block(self.build_format())  # format name and options checked now
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "QuantizerConfig":

@@ -43,6 +43,7 @@ from megaquant.export.moe import check_experts_complete, check_moe_model
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
+from megaquant.manifest import write_manifest
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -253,9 +254,12 @@ def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str
                      else f"not requested (layouts={asked})")
                for lay in L.LAYOUTS if lay not in chosen}
     if not chosen or (layouts not in ("auto", None) and len(chosen) < len(asked)):
+        cannot = [lay for lay in asked if not L.supports(lay, scheme, dtype)]
+        can = [lay for lay in L.LAYOUTS if L.supports(lay, scheme, dtype)]
         raise ValueError(f"scheme {scheme} with dtype={dtype_name(dtype)} cannot be written as "
-                         f"{asked}: {skipped}; layouts that can: "
-                         f"{[lay for lay in L.LAYOUTS if L.supports(lay, scheme, dtype)]}")
+                         f"{cannot}: {[skipped.get(lay, lay) for lay in cannot]}; layouts that can "
+                         f"write it: {can or 'none'}"
+                         + (f" (set layouts={can} or layouts=auto)" if can else ""))
     return chosen, skipped
 
 
@@ -282,13 +286,17 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     ``source_dtype`` if given, else ``arch.params_dtype``). ``engine_files``: files of the
     source checkpoint a serving engine reads (tokenizer_config.json, generation_config.json, chat
     template), copied into every layout. Writes ``out_dir/<layout>/`` and
-    ``out_dir/export_report.json`` atomically.
+    ``out_dir/export_report.json`` and ``out_dir/manifest.json`` (SHA-256 of every file)
+    atomically.
     """
     from megaquant.models.mapping import megatron_to_hf
+
+    from megaquant.finite import check_quantized_finite, check_tensors_finite
 
     if arch.num_moe_experts:
         check_moe_model(model, arch)
     out_dtype = resolve_dtype(dtype, source_dtype or arch.params_dtype)
+    check_quantized_finite(model, before="export")
     scheme, quantized, excluded = collect(model, arch)
     chosen, skipped = _resolve_layouts(layouts, scheme, out_dtype)
     state = {k: v.detach() for k, v in model.state_dict().items()
@@ -311,6 +319,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             d.mkdir()
             tensors = _layout_tensors(hf_state, quantized, layout, scheme)
             check_claims(tensors, quantized, excluded, layout, scheme, out_dtype)
+            check_tensors_finite(tensors, before=f"writing the {layout} export")
             if arch.num_moe_experts:
                 check_experts_complete(tensors.keys(), arch)
             files = write_safetensors(d, tensors, max_shard_bytes)
@@ -329,6 +338,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params),
                                       "notes": L.activation_notes(layout, scheme, input_rules)}
         write_json(tmp / "export_report.json", report.to_dict())
+        write_manifest(tmp)  # SHA-256 of every file; check with `megaquant verify DIR`
     return report
 
 

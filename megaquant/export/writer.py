@@ -30,7 +30,8 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise ValueError(f"export target {target} exists and is not a directory; pick another path")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ValueError(f"export target {target} exists and is not empty; pass overwrite=true "
-                         "(scripts/export.py overwrite=true) to replace it, or pick another path")
+                         "(scripts/export.py ... overwrite=true, or export_model(..., "
+                         "overwrite=True)) to replace it, or pick another path")
 
 
 @contextlib.contextmanager
@@ -95,8 +96,13 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     weight_map = {}
     for fname, members in zip(names, shards):
         # clone: q/k/v share one activation-scale tensor, safetensors refuses shared storage
-        save_file({k: tensors[k].detach().clone().contiguous() for k in members}, str(directory / fname),
-                  metadata={"format": "pt"})
+        try:
+            save_file({k: tensors[k].detach().clone().contiguous() for k in members},
+                      str(directory / fname), metadata={"format": "pt"})
+        except Exception as e:  # safetensors' SafetensorError is not an OSError, even for ENOSPC
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"writing {directory / fname} failed: {e}") from e
         os.chmod(directory / fname, 0o644)  # safetensors creates 0600 files; servers may run as another user
         weight_map.update({k: fname for k in members})
     if n > 1:

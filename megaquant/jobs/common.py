@@ -136,6 +136,24 @@ def resolve_text(path: str | None, default: str) -> Path:
     return p
 
 
+def check_positive(**values: int) -> None:
+    """Refuse sizes below 1 by config key: ``check_positive(**{"data.micro_batch": 0})``."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r}: must be a whole number >= 1; set {key} to a "
+                             "positive value")
+
+
+def check_data_sizes(cfg) -> None:
+    """The data and sequence sizes of a PTQ/QAT config, checked by name before any work."""
+    data = cfg.data
+    sizes = {"model.seq_length": cfg.model.seq_length}
+    for key in ("calib_samples", "eval_samples", "micro_batch", "train_samples"):
+        if key in data:
+            sizes[f"data.{key}"] = data[key]
+    check_positive(**sizes)
+
+
 def token_batches(path: Path, tokenizer, samples: int, seq_len: int, micro_batch: int,
                   offset: int = 0) -> list[torch.Tensor]:
     """[micro_batch, seq_len + 1] int64 token windows of a text (inputs plus shifted labels)."""

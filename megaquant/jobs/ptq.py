@@ -1,8 +1,9 @@
 """The PTQ job: build a Megatron GPT, load weights, evaluate, quantize + calibrate, evaluate, save.
 
 Runs the same under torchrun, srun or a single process, on CPU (gloo) or GPU (NCCL). Writes to
-``run.output_dir``: ``checkpoint/`` (Megatron distributed checkpoint with quantizer state,
-written atomically), ``summary.json`` and ``report.md``.
+``run.output_dir``: ``checkpoint/`` (Megatron distributed checkpoint with quantizer state),
+``summary.json`` and ``report.md``, all three staged and committed with one rename under the
+output directory's lock (``megaquant.outdir``); ``run.overwrite=false`` refuses a non-empty one.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 import megaquant
 from megaquant.jobs.common import (
+    check_data_sizes,
     is_rank0,
     load_model_source,
     resolve_text,
@@ -29,8 +30,11 @@ from megaquant.recipe import available_recipes, load_recipe
 log = logging.getLogger("megaquant.ptq")
 
 
-def build_model(loaded, groups, build: str):
-    """The GPT model for this rank, weights loaded; its linears quantized when build='spec'."""
+def build_model(loaded, groups, build: str, seed: int = 1234):
+    """The GPT model for this rank, weights loaded; its linears quantized when build='spec'.
+
+    A random MoE model is drawn from ``seed`` in full and sharded (``jobs/random_moe.py``), so it
+    is the same model at every TP/EP layout."""
     from megaquant.models.gpt import build_gpt_model
     from megaquant.spec import get_spec_provider
 
@@ -38,10 +42,15 @@ def build_model(loaded, groups, build: str):
         raise ValueError(f"run.build must be 'spec' or 'convert', got {build!r}")
     backend = get_spec_provider("local") if build == "spec" else None
     model = build_gpt_model(loaded.arch, backend, tp_size=groups.tp, ep_size=groups.ep)
-    if loaded.hf_state is not None:
+    hf_state = loaded.hf_state
+    if hf_state is None and loaded.checkpoint is None and loaded.arch.num_moe_experts:
+        from megaquant.jobs.random_moe import random_moe_hf_state
+
+        hf_state = random_moe_hf_state(loaded.arch, seed)
+    if hf_state is not None:
         from megaquant.models.mapping import hf_to_megatron
 
-        state = hf_to_megatron(loaded.hf_state, loaded.arch, groups.tp_rank, groups.tp,
+        state = hf_to_megatron(hf_state, loaded.arch, groups.tp_rank, groups.tp,
                                ep_rank=groups.ep_rank, ep_size=groups.ep)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -75,17 +84,34 @@ def _ppl(loss: float) -> float:
 
 def run(cfg: DictConfig) -> dict:
     """Run PTQ as configured; returns the summary (also written to summary.json on rank 0)."""
-    from megaquant.evaluate import evaluate_loss, run_forward
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
+    from megaquant.megatron.dist import explain_timeouts, init_distributed
+    from megaquant.outdir import claim_output_dir
 
     t_start = time.perf_counter()
+    inputs = _checked_inputs(cfg)  # bad input fails before the output directory is touched
+    init_distributed(timeout_s=float(cfg.run.timeout_s))
+    with explain_timeouts(), \
+            claim_output_dir(cfg.run.output_dir, overwrite=bool(cfg.run.overwrite)) as out:
+        return _run(cfg, out, t_start, *inputs)
+
+
+def _checked_inputs(cfg: DictConfig):
+    """(recipe, calibration text, evaluation text), every config value checked by name."""
     if cfg.get("recipe") is None:
         raise ValueError("choose a recipe: +recipe=NAME, one of "
                          f"{available_recipes()}")
     validate(cfg, "ptq")
     recipe = load_recipe(OmegaConf.to_container(cfg.recipe, resolve=True))
+    check_data_sizes(cfg)
     calib_path = resolve_text(cfg.data.calib_text, "default_calib_text")
     eval_path = resolve_text(cfg.data.eval_text, "default_eval_text")
+    return recipe, calib_path, eval_path
+
+
+def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) -> dict:
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
     par = cfg.parallel
     loaded = load_model_source(OmegaConf.to_container(cfg.model, resolve=True))
@@ -94,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     t_setup = time.perf_counter()
-    model = build_model(loaded, groups, cfg.run.build)
+    model = build_model(loaded, groups, cfg.run.build, seed=int(cfg.run.seed))
     seq, mb = int(cfg.model.seq_length), int(cfg.data.micro_batch)
     # Calibration sees the same seq_length-token inputs as evaluation (which drops the last token).
     calib = [b[:, :-1] for b in
@@ -114,7 +140,6 @@ def run(cfg: DictConfig) -> dict:
     loss_q = evaluate_loss(model, evals, groups.dp_group)
     t_eval_q = time.perf_counter()
 
-    out = Path(cfg.run.output_dir)
     summary = {
         "recipe": recipe.name,
         "recipe_config": recipe.to_dict(),  # versioned, defaults spelled out
@@ -137,19 +162,23 @@ def run(cfg: DictConfig) -> dict:
                    "eval_quant": t_eval_q - t_calib},
     }
     if cfg.run.save_checkpoint:
+        from megaquant.finite import check_quantized_finite
         from megaquant.megatron.checkpoint import save_checkpoint
+
+        check_quantized_finite(model, before="saving the checkpoint")  # collective verdict
 
         meta = {"recipe": recipe.name, "recipe_config": summary["recipe_config"],
                 "arch": summary["model"]["arch"], "parallel": summary["parallel"],
                 "tokenizer": loaded.tokenizer_source,
                 "source_dtype": source_dtype(OmegaConf.to_container(cfg.model, resolve=True),
                                              loaded.arch)}
-        save_checkpoint(model, out / "checkpoint", metadata=meta)
+        save_checkpoint(model, out.staging / "checkpoint", metadata=meta)
     summary["wall_s"]["total"] = time.perf_counter() - t_start
     if is_rank0():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "summary.json", summary)
-        (out / "report.md").write_text(render_report(summary))
+        write_json_atomic(out.staging / "summary.json", summary)
+        (out.staging / "report.md").write_text(render_report(summary))
+    out.commit()  # checkpoint, summary and report appear together
+    if is_rank0():
         log.info("\n%s", render_report(summary))
     return summary
 

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megaquant.jobs.common import (
+    check_data_sizes,
     is_rank0,
     load_model_source,
     resolve_text,
@@ -122,29 +123,42 @@ def _data(cfg: DictConfig, tokenizer, seq: int):
 
 def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
-    from megaquant.evaluate import evaluate_loss, run_forward
-    from megaquant.integrations.nemo import quantize_for_training
-    from megaquant.jobs.ptq import _even_over_dp, build_model
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
-    from megaquant.train.loop import train
-    from megaquant.train.optim import build_optimizer
-    from megaquant.train.state import (
-        check_compatible,
-        latest_checkpoint,
-        load_train_state,
-        save_train_state,
-    )
-    from megaquant.train.step import StepContext
+    from megaquant.megatron.dist import explain_timeouts, init_distributed
+    from megaquant.outdir import claim_output_dir
+    from megaquant.train.state import check_compatible, recover_step_leftovers, resume_checkpoint
 
     t0 = time.perf_counter()
     validate(cfg, "qat")
     model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
+    check_data_sizes(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if trainer.resume else None
-    if latest is not None:  # a recipe mismatch fails now, not after calibration
-        check_compatible(latest, recipe)
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
+    with explain_timeouts(), claim_output_dir(cfg.run.output_dir, overwrite=True, staging=False):
+        if is_rank0():  # under the lock: nobody else is writing these
+            for note in recover_step_leftovers(ckpt_root):
+                log.warning("%s", note)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        latest = resume_checkpoint(ckpt_root) if trainer.resume else None  # verified, or older
+        if latest is not None:  # a recipe mismatch fails now, not after calibration
+            check_compatible(latest, recipe)
+        return _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
+                           init_from, ckpt_root, latest)
+
+
+def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch, init_from,
+                ckpt_root, latest) -> dict:
+    """The QAT run proper, with ``run.output_dir`` locked against a second run."""
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.integrations.nemo import quantize_for_training
+    from megaquant.jobs.ptq import _even_over_dp, build_model
+    from megaquant.megatron.dist import init_model_parallel
+    from megaquant.train.loop import train
+    from megaquant.train.optim import build_optimizer
+    from megaquant.train.state import load_train_state, save_train_state
+    from megaquant.train.step import StepContext
+
     par = cfg.parallel
     loaded = load_model_source(model_cfg)
     loaded.arch.check_tensor_parallel(int(par.tp))
@@ -152,13 +166,14 @@ def run(cfg: DictConfig) -> dict:
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
-    model = build_model(loaded, groups, "spec")
+    model = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))
     train_windows, calib, evals = _data(cfg, loaded.tokenizer, int(model_cfg["seq_length"]))
     if groups.ep > 1:  # every DP rank must run as many forwards as its EP peers (ptq.py)
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     teacher = None
     if distill.enabled:
-        teacher = build_model(loaded, groups, "spec")  # same weights, quantizers stay off
+        # same weights, quantizers stay off
+        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))
         teacher.load_state_dict(model.state_dict(), strict=True)
         teacher.eval().requires_grad_(False)
     evaluate = lambda m: evaluate_loss(m, evals, groups.dp_group)  # noqa: E731
@@ -179,7 +194,7 @@ def run(cfg: DictConfig) -> dict:
     start = 0
     if latest is not None:
         start = load_train_state(model, optimizer, latest, recipe_config=recipe,
-                                 layout=layout)["step"]
+                                 layout=layout, verify=False)["step"]
         if is_rank0():
             log.info("resumed from %s at step %d", latest, start)
     ctx = StepContext(train_windows, batch, groups.dp_group, groups.tp_group, distill, teacher,

@@ -12,6 +12,12 @@ old. A crash while writing leaves the previous checkpoint untouched; a crash bet
 renames (two system calls) leaves it at ``.<name>.old``, which ``load_checkpoint`` names in
 its error. All ranks must see the same filesystem (as ``dist_checkpointing`` requires).
 
+Trust: every load reads through ``safe_load`` (no pickle from the checkpoint can run code) after
+the files are checked against the ``manifest.json`` of SHA-256 digests written at save time
+(``megaquant.manifest``): a corrupted or truncated file is refused by name before it is read.
+Checkpoints from before manifests load with a warning. A failed save removes its partial
+directory; the writer processes Megatron forks die with their parent (``die_with_parent``).
+
 On CPU the save/load runs inside ``cpu.device.cpu_checkpoint_stand_ins()`` (no-op
 ``torch.cuda.synchronize``, CPU ``current_device``); on GPU nothing is patched.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import shutil
 from pathlib import Path
@@ -30,9 +37,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 import megaquant
+from megaquant import manifest
 from megaquant.megatron.cpu.device import cpu_checkpoint_stand_ins
+from megaquant.megatron.safe_load import safe_strategies, unwrap_checkpoint_exception
+from megaquant.megatron.writer_processes import die_with_parent
 
 METADATA_FILE = "megaquant.json"
+log = logging.getLogger("megaquant.checkpoint")
 
 
 def _layout() -> dict[str, int]:
@@ -68,11 +79,24 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, *,
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
         partial.mkdir(parents=True)
     dist.barrier()
-    with cpu_checkpoint_stand_ins(), _in_process_write_results():
-        dist_checkpointing.save(model.sharded_state_dict(), str(partial))
-    if rank0:
-        (partial / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-    dist.barrier()  # every shard is on disk before the swap
+    try:
+        with cpu_checkpoint_stand_ins(), _in_process_write_results(), die_with_parent():
+            dist_checkpointing.save(model.sharded_state_dict(), str(partial))
+        if rank0:
+            (partial / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        dist.barrier()  # every shard is on disk before the manifest and the swap
+        if rank0:
+            manifest.write_manifest(partial)
+    except BaseException as e:
+        if rank0:
+            shutil.rmtree(partial, ignore_errors=True)  # a failed save leaves nothing behind
+        if not isinstance(e, Exception):
+            raise
+        why = f"saving the checkpoint {target} failed ({type(e).__name__}: {e}); its partial " \
+              "files were removed. If the disk is full, free space or choose another directory"
+        if isinstance(e, OSError):  # Megatron's writer reports ENOSPC as RuntimeError
+            raise OSError(e.errno, why) from e
+        raise RuntimeError(why) from e
     if rank0:
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
@@ -113,18 +137,57 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         _, old = _siblings(target.absolute())
         hint = (f"; a save was interrupted while swapping, the previous checkpoint is at {old}: "
                 f"rename it to {target}") if old.exists() else ""
+        if (target / "checkpoint" / METADATA_FILE).exists():
+            hint = f"; {target} is a run directory: use {target / 'checkpoint'}"
         raise FileNotFoundError(f"{path} not found: {target} is not a megaquant checkpoint{hint}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise manifest.ManifestError(f"{path} is damaged ({e}); restore it or re-create the "
+                                     "checkpoint") from e
 
 
-def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> dict[str, Any]:
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check the checkpoint's files against its manifest; collective when a group exists.
+
+    Each rank hashes ``files[rank::world]`` and the verdicts are gathered, so every rank raises
+    the same ``ManifestError`` (naming the files) and nobody is left waiting in a collective.
+    """
+    record = manifest.read_manifest(directory)
+    if record is None:
+        log.warning("%s has no %s (saved before megaquant 0.x manifests): its files cannot be "
+                    "verified", directory, manifest.MANIFEST)
+        return
+    names = sorted(record["files"])
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return manifest.raise_problems(directory, manifest.check_files(directory, record, names))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = manifest.check_files(directory, record, names[rank::world])
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    manifest.raise_problems(directory, [p for part in gathered for p in part])
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str | Path, *,
+                    verify: bool = True) -> dict[str, Any]:
     """Collective: load the checkpoint into ``model`` (built at any TP size); return metadata.
 
     Returns the user ``metadata`` given to ``save_checkpoint``; the full record (version,
-    layout) is available from ``read_metadata``.
+    layout) is available from ``read_metadata``. ``verify=False`` skips the manifest check for
+    a caller that has just run ``verify_checkpoint`` itself.
     """
     record = read_metadata(directory)
-    with cpu_checkpoint_stand_ins():
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    if verify:
+        verify_checkpoint(directory)
+    sharded, common = safe_strategies()
+    try:
+        with cpu_checkpoint_stand_ins():
+            state = dist_checkpointing.load(model.sharded_state_dict(), str(directory),
+                                            sharded_strategy=sharded, common_strategy=common)
+    except BaseException as e:
+        inner = unwrap_checkpoint_exception(e)
+        if inner is not e:
+            raise inner from None
+        raise
     model.load_state_dict(state, strict=True)
     return record["metadata"]

@@ -11,7 +11,10 @@ Where the job's shape comes from, in order of precedence:
 
 The backend follows the hardware: NCCL when CUDA is available (and the CUDA device is set
 from the local rank), gloo otherwise. The collective timeout is the user's ``timeout_s``: if a
-rank dies, the others fail with a timeout error after that long instead of hanging forever.
+rank dies or stops (SIGSTOP, a hung device), the others fail with a timeout error after that
+long instead of hanging forever. It reaches every group: the default one here, and Megatron's
+TP/DP/PP/EP groups through ``initialize_model_parallel(distributed_timeout_minutes=...)`` (which
+otherwise defaults to 30 minutes).
 
 ``init_model_parallel`` is the *only* place that asks Megatron's ``parallel_state`` for process
 groups; everything below it receives groups explicitly (``ParallelGroups``).
@@ -19,17 +22,19 @@ groups; everything below it receives groups explicitly (``ParallelGroups``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_MASTER_PORT = 29500
+_timeout_s: float = 600.0  # the job's collective timeout, set by init_distributed
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,12 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
     ``timeout_s`` bounds every collective: a rank that died makes the others raise after that
     many seconds instead of waiting forever.
     """
+    global _timeout_s
+    if not timeout_s > 0:
+        raise ValueError(f"run.timeout_s={timeout_s}: the collective timeout must be > 0 seconds")
+    _timeout_s = float(timeout_s)
     info = parse_launch_env(os.environ)
+    check_master_port(info)
     local_rank = info.local_rank if info is not None else 0
     if dist.is_initialized():
         return _env_from_group(local_rank)
@@ -162,6 +172,33 @@ def init_distributed(timeout_s: float = 600) -> DistEnv:
         timeout=timedelta(seconds=timeout_s),
     )
     return _env_from_group(local_rank)
+
+
+@contextlib.contextmanager
+def explain_timeouts(key: str = "run.timeout_s") -> Iterator[None]:
+    """Re-raise a collective timeout (gloo: "Timed out waiting ...ms", NCCL: "Watchdog caught
+    collective operation timeout") as an error that says what it means and what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if "timed out" not in text and "timeout" not in text:
+            raise
+        raise RuntimeError(
+            f"a collective waited {key}={_timeout_s:g} s for another rank: one rank died, hung "
+            "or was stopped (see its log; the first rank to fail names the cause). If the ranks "
+            f"are only slow, raise {key}. ({str(e).splitlines()[0][:300]})") from e
+
+
+def check_master_port(info: Optional[LaunchInfo]) -> None:
+    """Refuse ``MASTER_PORT=0`` with several ranks (``torchrun --master-port=0``): rank 0 would
+    listen on a random port the others cannot know, and they would wait minutes, then fail with
+    a raw DistNetworkError."""
+    if info is not None and info.world_size > 1 and info.master_port == 0:
+        raise ValueError(
+            "MASTER_PORT=0 (torchrun --master-port=0?): the other ranks cannot find a port rank 0 "
+            "picks at random. Give a fixed free port (--master-port=29501) or let torchrun choose "
+            "one with --standalone")
 
 
 @dataclass
@@ -213,8 +250,9 @@ def check_parallel_layout(world_size: int, tp: int, pp: int, ep: int) -> None:
 def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> ParallelGroups:
     """Lay out tensor/pipeline/expert parallelism with Megatron and seed the RNGs.
 
-    Call after ``init_distributed``. On a machine without CUDA this also turns on the CPU
-    runtime (``megaquant.megatron.cpu.device.enable_cpu_runtime``) and seeds a CPU RNG tracker
+    Call after ``init_distributed``; every group gets its ``timeout_s``. On a machine without
+    CUDA this also turns on the CPU runtime (``megaquant.megatron.cpu.device.enable_cpu_runtime``)
+    and seeds a CPU RNG tracker
     in place of Megatron's CUDA one.
     """
     from megatron.core import parallel_state as ps
@@ -240,6 +278,8 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234)
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        # minutes as a float: timedelta(minutes=0.5) is 30 s; every TP/DP/EP group gets it
+        distributed_timeout_minutes=_timeout_s / 60,
     )
     tp_rank = ps.get_tensor_model_parallel_rank()
     ep_rank = ps.get_expert_model_parallel_rank()

@@ -21,12 +21,15 @@ Layout on disk: ``<dir>/step_0000010/`` (one checkpoint each) and ``<dir>/latest
 naming the newest). A save writes the step directory atomically (``save_checkpoint``), and
 only then replaces ``latest`` with ``os.replace``; a crash at any point leaves ``latest``
 naming a complete checkpoint. Old step directories beyond ``keep`` are deleted afterwards.
+Resuming (``resume_checkpoint``) takes the newest step whose files match their SHA-256 manifest:
+a damaged ``latest`` falls back to the previous kept step, with a warning naming both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +45,7 @@ KIND = "megaquant-train-v1"
 OPT_PREFIX = "optimizer."
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 LATEST = "latest"
+log = logging.getLogger("megaquant.train")
 
 
 class TrainState:
@@ -143,6 +147,63 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return target
 
 
+def recover_step_leftovers(root: str | Path) -> list[str]:
+    """Clean what a killed save left in ``root`` (call under the output-directory lock).
+
+    ``.step_N.partial`` was never committed: deleted. ``.step_N.old`` is the previous copy of a
+    step being replaced: renamed back when ``step_N`` is missing (killed between the renames),
+    else deleted. Returns one note per action, for the log.
+    """
+    root, notes = Path(root), []
+    for partial in sorted(root.glob(".step_*.partial")):
+        shutil.rmtree(partial, ignore_errors=True)
+        notes.append(f"removed {partial}, left by an interrupted save")
+    for old in sorted(root.glob(".step_*.old")):
+        target = root / old.name[1:-len(".old")]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            notes.append(f"removed {old}, left by a save killed after committing")
+        else:
+            old.rename(target)
+            notes.append(f"restored {target} from {old} (a save was killed while swapping)")
+    return notes
+
+
+def resume_checkpoint(root: str | Path) -> Path | None:
+    """The newest intact checkpoint to resume from: the one ``latest`` names, or else the newest
+    kept ``step_*`` whose files match their manifest (a warning says which was skipped and why).
+
+    None when ``root`` holds no checkpoint yet; a ValueError listing every candidate's problem
+    when none is intact. Every rank gets the same answer (same files, same checks).
+    """
+    from megaquant import manifest
+
+    root = Path(root)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    candidates = ([named] if named is not None else []) + [p for p in steps if p != named]
+    if not candidates:
+        return None
+    problems = []
+    for candidate in candidates:
+        try:
+            if not candidate.is_dir():
+                raise FileNotFoundError(f"{pointer} names {candidate}, which does not exist")
+            read_metadata(candidate)
+            manifest.verify(candidate)
+        except (OSError, ValueError) as e:
+            problems.append(f"{candidate.name}: {e}")
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint; skipped: %s",
+                        candidate, " | ".join(problems))
+        return candidate
+    raise ValueError(f"no intact checkpoint to resume from under {root}: {' | '.join(problems)}. "
+                     "Restore one, or start over with trainer.resume=false (or another "
+                     "run.output_dir)")
+
+
 def save_train_state(model: nn.Module, optimizer, root: str | Path, *, step: int,
                      metadata: dict[str, Any], keep: int = 2) -> Path:
     """Collective: write ``<root>/step_<step>`` and point ``<root>/latest`` at it."""
@@ -150,6 +211,9 @@ def save_train_state(model: nn.Module, optimizer, root: str | Path, *, step: int
     meta = {**metadata, "kind": KIND, "step": step}
     if optimizer is not None and not optimizer.state:
         init_optimizer_state(optimizer, 0)  # zeros at step 0 are what a fresh AdamW starts from
+    from megaquant.finite import check_quantized_finite
+
+    check_quantized_finite(model, before=f"saving the train checkpoint of step {step}")
     target = save_checkpoint(TrainState(model, optimizer), step_dir(root, step), metadata=meta)
     if dist.get_rank() == 0:
         tmp = root / f".{LATEST}.tmp"
@@ -184,10 +248,33 @@ def check_compatible(directory: str | Path, recipe_config: dict | None, *,
                          f"was expected{hint}")
     saved = meta.get("recipe_config")
     if _norm(saved) != _norm(recipe_config):
+        from megaquant.recipe import canonical_recipe
+
+        # compared in the current schema, so a version or a spelled-out default is no difference
+        diff = recipe_differences(canonical_recipe(saved), canonical_recipe(recipe_config))
         raise ValueError(f"{directory} was made with recipe {describe_recipe(saved)}, but this run "
-                         f"uses {describe_recipe(recipe_config)}; set model.quantization to the "
-                         "checkpoint's recipe or start from another directory")
+                         f"uses {describe_recipe(recipe_config)}; they differ in {diff}. Set "
+                         "model.quantization (and its options) to the checkpoint's recipe or "
+                         "start from another directory")
     return record
+
+
+def recipe_differences(saved, current, path: str = "", limit: int = 4) -> str:
+    """``rules[0].weight.block_size: 7 in the checkpoint, 16 in this run; ...`` (first few)."""
+    out: list[str] = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, "(absent)"), b.get(k, "(absent)"), f"{where}.{k}" if where else k)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif a != b:
+            out.append(f"{where or 'the recipe'}: {a!r} in the checkpoint, {b!r} in this run")
+
+    walk(saved, current, path)
+    return "; ".join(out[:limit]) + (f"; and {len(out) - limit} more" if len(out) > limit else "")
 
 
 def _norm(cfg: dict | None) -> str:
@@ -199,7 +286,7 @@ def _norm(cfg: dict | None) -> str:
 
 
 def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,
-                     recipe_config: dict | None, layout: dict) -> dict:
+                     recipe_config: dict | None, layout: dict, verify: bool = True) -> dict:
     """Collective: load a train checkpoint into ``model`` (+ ``optimizer``); return its metadata.
 
     ``model`` must already be quantized with ``recipe_config`` (so its amax buffers exist).
@@ -213,5 +300,5 @@ def load_train_state(model: nn.Module, optimizer, directory: str | Path, *,
     same = all(saved.get(k) == v for k, v in {"ep": 1, **layout}.items())
     if optimizer is not None:
         init_optimizer_state(optimizer, meta["step"])
-    load_checkpoint(TrainState(model, optimizer, with_rng=same), directory)
+    load_checkpoint(TrainState(model, optimizer, with_rng=same), directory, verify=verify)
     return meta

@@ -30,7 +30,7 @@ def test_export_refuses_non_empty_target_without_overwrite(fp8_model, tmp_path):
     assert [p.name for p in target.iterdir()] == ["keep.txt"] and _no_leftovers(tmp_path)
     export_model(*fp8_model, target, overwrite=True)  # replaced atomically
     assert sorted(p.name for p in target.iterdir()) == ["compressed-tensors", "export_report.json",
-                                                        "modelopt"]
+                                                        "manifest.json", "modelopt"]
     assert _no_leftovers(tmp_path)
 
 
