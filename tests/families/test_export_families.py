@@ -6,6 +6,8 @@ quantization_config), and transformers must reproduce the fake-quantized Megatro
 
 * dense families, loaded by transformers with its compressed-tensors integration (quantized
   linears stay compressed-tensors modules that fake-quantize activations themselves):
+  (Weights are rounded to bfloat16 first and the export writes unquantized tensors in
+  bfloat16, the dtype compressed-tensors needs for NVFP4, so float32 comparisons stay exact.)
   - fp8 (W8A8, static per-tensor scales): logits equal ours to 1e-5 of the largest logit --
     FP8 weights decompress exactly in float32, and the activation scales are ours.
   - nvfp4 (W4A4): compressed-tensors decompresses NVFP4 weights in bfloat16. We check those
@@ -52,6 +54,9 @@ def quantized_family(family, recipe, directory, dp_group):
 
     save_family(family, directory)
     cfg, state = read_hf_model(directory)
+    # bf16-representable weights: the export writes unquantized tensors in bfloat16 (the dtype
+    # compressed-tensors decompresses NVFP4 to), so the float32 model we compare is exactly that
+    state = {k: v.to(torch.bfloat16).to(torch.float32) for k, v in state.items()}
     arch = GPTConfig.from_dict({**cfg, "seq_length": SEQ})
     model = build_gpt_model(arch, tp_size=1)
     model.load_state_dict(hf_to_megatron(state, arch, 0, 1), strict=False)
@@ -74,7 +79,7 @@ def close(got, want, rel, what):
 def _export(model, arch, out):
     from megaquant.export import export_model
 
-    export_model(model, arch, out, layouts=["compressed-tensors", "modelopt"])
+    export_model(model, arch, out, layouts=["compressed-tensors", "modelopt"], dtype="bfloat16")
     d = out / "compressed-tensors"
     config = json.loads((d / "config.json").read_text())
     modelopt = json.loads((out / "modelopt" / "config.json").read_text())
@@ -92,7 +97,7 @@ def test_dense_export_reproduced_by_transformers(megatron_single, tmp_path, fami
     d, config = _export(model, arch, tmp_path / "x")
     assert config["architectures"] == [ARCHS[family]]
     lm_head = json.loads((tmp_path / "x" / "export_report.json").read_text())["lm_head"]
-    assert lm_head.startswith("tied" if family == "llama_tied" else "untied, kept in float32"), lm_head
+    assert lm_head.startswith("tied" if family == "llama_tied" else "untied, kept in bfloat16"), lm_head
     assert "lm_head" in config["quantization_config"]["ignore"]  # engines keep it unquantized
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                                  output_loading_info=True)
