@@ -202,6 +202,14 @@ CONTRACT: tuple[Use, ...] = (
     Use("megatron.core.dist_checkpointing.mapping.ShardedObject"),
     Use("megatron.core.dist_checkpointing.strategies.filesystem_async"),
     Use("megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue"),
+    # --- safe loading (megatron/safe_load.py): megaquant's reader replaces the one Megatron's
+    # load strategy builds (a module function swapped only for the length of a load)
+    Use("megatron.core.dist_checkpointing.strategies.torch"),
+    Use("megatron.core.dist_checkpointing.strategies.torch.TorchDistLoadShardedStrategy"),
+    Use("megatron.core.dist_checkpointing.strategies.torch._get_filesystem_reader"),
+    Use("megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader."
+        "CachedMetadataFileSystemReader"),
+    Use("megatron.core.dist_checkpointing.strategies.common.TorchCommonLoadStrategy"),
     # --- pipeline p2p helpers (module functions up to 0.14, P2PCommunicator methods from
     # 0.15): recorded for pipeline-parallel work, unused today
     Use(f"{_P2P}.P2PCommunicator", ("pp_group", "config"), required=False),

@@ -22,6 +22,9 @@ LAYERS = [
     ("megaquant.formats", 0, "numerics"),
     ("megaquant.strict", 0, "strict config helper"),
     ("megaquant.util", 0, "rank-0 checks, atomic writes, flattened all-reduce"),
+    ("megaquant.manifest", 0, "SHA-256 manifests of written directories"),
+    ("megaquant.outdir", 0, "output-directory lock, staging and commit"),
+    ("megaquant.finite", 2, "finite checks of quantized weights and scales"),
     ("megaquant.calibrator", 1, "the quantizer's calibrator"),
     ("megaquant.quantizer", 1, "the fake-quant module"),
     ("megaquant.te", 2, "TE introspection and patching"),
@@ -44,6 +47,7 @@ LAYERS = [
     ("megaquant.integrations", 9, "NeMo and other hooks"),
     ("megaquant.cli", 9, "the megaquant command"),
     ("megaquant.doctor", 9, "megaquant doctor"),
+    ("megaquant.verify", 9, "megaquant verify"),
 ]
 # Old paths kept for one release: they import their new home, wherever it sits.
 SHIMS = {"megaquant.calib.max", "megaquant.calib.algorithms", "megaquant.te.layers",

@@ -200,14 +200,21 @@ def test_export_tied_embeddings_stay_tied_and_tokenizer_is_written(megatron_sing
     assert report["tokenizer"] is True and "lm_head" in report["excluded_modules"]
 
 
-def test_export_refuses_int_codes_marking_non_finite_weights(megatron_single, tmp_path):
-    """INT8/INT4 mark a NaN/inf weight with the unused code -(qmax+1); no layout can carry it."""
+def test_export_refuses_int_codes_marking_non_finite_weights(megatron_single, tmp_path,
+                                                            monkeypatch):
+    """INT8/INT4 mark a NaN/inf weight with the unused code -(qmax+1); no layout can carry it.
+
+    The finite check before export (megaquant.finite) refuses it first; the layout's own check
+    stays as a second line, tested here with the first one switched off."""
     from megaquant.export import export_model
 
     model, cfg = quantized_tiny("int8", megatron_single.dp_group)
     with torch.no_grad():
         model.decoder.layers[1].mlp.linear_fc2.weight[2, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="decoder.layers.1.mlp.linear_fc2.weight"):
+        export_model(model, cfg, tmp_path / "x")
+    monkeypatch.setattr("megaquant.finite.check_quantized_finite", lambda *a, **k: None)
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight has 1 non-finite "
-                                         "value\(s\) \(first at index \[2, 5\]\)"):
+                                         r"value\(s\) \(first at index \[2, 5\]\)"):
         export_model(model, cfg, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []

@@ -56,10 +56,12 @@ def test_unservable_block_sizes_are_refused_at_recipe_time(fmt, block, ok):
 
 
 def test_layout_refusal_is_not_self_contradictory():
+    import torch
+
     from megaquant.export.export import _resolve_layouts
 
     with pytest.raises(ValueError) as info:
-        _resolve_layouts(["modelopt"], "fp8_per_channel")
+        _resolve_layouts(["modelopt"], "fp8_per_channel", torch.float32)
     msg = str(info.value)
     assert "cannot be written as ['modelopt']" in msg
     assert "layouts that can write it: ['compressed-tensors']" in msg
