@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from megaquant import manifest
 from megaquant.integrations.contract import check_release
 from megaquant.integrations.nemo import recipe_dict, recipe_from_config, unwrap
 
@@ -254,4 +255,7 @@ def write_recipe_record(directory: str | Path, recipe: dict, *, rank0: bool = Tr
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
         tmp.replace(path)
+        if manifest.read_manifest(directory) is not None:
+            # a megaquant save left a manifest: the record just replaced a listed file
+            manifest.write_manifest(directory)
     return path
