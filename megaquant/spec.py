@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 
-from megaquant.nn.attention import QuantDotProductAttention
 from megaquant.nn.local import QuantColumnParallelLinear, QuantRowParallelLinear
 from megaquant.nn.registry import have_te
 
@@ -23,10 +22,7 @@ BACKENDS = ("auto", "local", "te")
 
 
 class QuantLocalSpecProvider(LocalSpecProvider):
-    """Megatron's local provider with quantized linears and core attention (K/V quantizers)."""
-
-    def core_attention(self) -> type:
-        return QuantDotProductAttention
+    """Megatron's local provider with quantized column/row parallel linears."""
 
     def column_parallel_linear(self) -> type:
         return QuantColumnParallelLinear

@@ -17,6 +17,10 @@ so no amax axis is a partition axis (``partition_axes`` None) and the per-layer 
 MAX-reduced over TP, then over DP: every rank ends with the scale one process computes, and the
 amax is replicated over TP in checkpoints. Context parallelism does not exist here.
 
+How they enter a model: by conversion only (:func:`megaquant.quantize` converts the core
+attention of a spec-built model too), and only for a recipe with a ``kv_cache:`` section, so
+models quantized without one keep exactly the state (and state-dict keys) they had before.
+
 Which core attentions are known: Megatron's local ``DotProductAttention`` (GPU, local spec) and
 megaquant's CPU ``SDPAttention``. Conversion refuses any other core attention by name when a
 recipe has a ``kv_cache:`` section (:mod:`megaquant.convert`), rather than leaving the cache
@@ -63,9 +67,6 @@ class QuantDotProductAttention(QuantCoreAttentionMixin, DotProductAttention):
 class QuantSDPAttention(QuantCoreAttentionMixin, SDPAttention):
     """megaquant's CPU ``SDPAttention`` with K/V quantizers (same constructor)."""
 
-
-# The CPU runtime's provider swaps the GPU core attention for its SDPA one; this names the swap.
-QuantDotProductAttention.cpu_counterpart = QuantSDPAttention
 
 CORE_ATTENTION_WRAPPERS = {DotProductAttention: QuantDotProductAttention,
                            SDPAttention: QuantSDPAttention}

@@ -37,10 +37,7 @@ class CPUSpecProvider(BackendSpecProvider):
 
     # --- what the CPU runtime answers itself
     def core_attention(self) -> type:
-        # A provider that quantizes its core attention (megaquant's) gets the quantized SDPA;
-        # found by the class's own hook, so this runtime imports nothing from megaquant.nn.
-        inner = self.inner.core_attention()
-        return getattr(inner, "cpu_counterpart", SDPAttention)
+        return SDPAttention
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         norm = self.inner.layer_norm(rms_norm=rms_norm, for_qk=for_qk)
