@@ -35,6 +35,7 @@ from torch import Tensor
 
 import megaquant
 from megaquant.export import layouts as L
+from megaquant.export import kv as KV
 from megaquant.export.dtypes import cast_unquantized, dtype_name, resolve_dtype
 from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
 from megaquant.export.names import hf_targets, router_names, split_rows
@@ -57,6 +58,7 @@ class ExportReport:
     skipped_layouts: dict = field(default_factory=dict)  # layout -> reason
     tokenizer: bool = False
     dtype: str = "float32"  # of the unquantized tensors (and config.json's dtype)
+    kv_cache: str | None = None  # the KV-cache format whose per-layer scales were written
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -270,6 +272,16 @@ def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str
     return chosen, skipped
 
 
+def _drop_kv_refusals(chosen: list[str], skipped: dict, kv, *, explicit: bool) -> list[str]:
+    """The chosen layouts that can hold the model's KV-cache scales; the others are skipped
+    with the reason (an error when asked for by name, or when none is left)."""
+    refused = {lay: KV.why_not(lay, kv) for lay in chosen if KV.why_not(lay, kv)}
+    if refused and (explicit or len(refused) == len(chosen)):
+        raise ValueError(f"cannot export: {'; '.join(refused.values())}")
+    skipped.update(refused)
+    return [lay for lay in chosen if lay not in refused]
+
+
 def _save_tokenizer(tokenizer, directory: Path) -> None:
     backend = getattr(tokenizer, "backend", tokenizer)
     if not hasattr(backend, "save"):
@@ -299,7 +311,9 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
         check_moe_model(model, arch)
     out_dtype = resolve_dtype(dtype, source_dtype or arch.params_dtype)
     scheme, quantized, excluded = collect(model, arch)
+    kv = KV.collect_kv(model)
     chosen, skipped = _resolve_layouts(layouts, scheme, out_dtype)
+    chosen = _drop_kv_refusals(chosen, skipped, kv, explicit=layouts not in ("auto", None))
     state = {k: v.detach() for k, v in model.state_dict().items()
              if isinstance(v, Tensor) and not k.endswith("_extra_state")}
     hf_state = cast_unquantized(megatron_to_hf([state], arch),
@@ -308,7 +322,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     params = sum(t.numel() for t in hf_state.values())
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
                           skipped_layouts=skipped, tokenizer=tokenizer is not None,
-                          dtype=dtype_name(out_dtype))
+                          dtype=dtype_name(out_dtype), kv_cache=kv and kv.format)
     block = quantized[0].block_size
     input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -316,6 +330,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             d = tmp / layout
             d.mkdir()
             tensors = _layout_tensors(hf_state, quantized, layout, scheme)
+            if kv is not None:
+                tensors.update(KV.tensors(layout, kv))
             check_claims(tensors, quantized, excluded, layout, scheme, out_dtype)
             if arch.num_moe_experts:
                 check_experts_complete(tensors.keys(), arch)
@@ -324,10 +340,12 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             config["dtype"] = config["torch_dtype"]  # transformers 5 reads dtype, 4.x torch_dtype
             config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
                                                                   block_size=block)
+            config["quantization_config"].update(KV.config_fields(layout, kv))
             write_json(d / "config.json", config)
             if layout == "modelopt":
-                write_json(d / "hf_quant_config.json",
-                           L.hf_quant_config(scheme, excluded, block_size=block))
+                hf_quant = L.hf_quant_config(scheme, excluded, block_size=block)
+                hf_quant["quantization"].update(KV.config_fields(layout, kv))
+                write_json(d / "hf_quant_config.json", hf_quant)
             if tokenizer is not None:
                 _save_tokenizer(tokenizer, d)
             report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params),
