@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 import megaquant
-from megaquant.export import layouts as L
 from megaquant.export import kv as KV
+from megaquant.export import layouts as L
 from megaquant.export.dtypes import cast_unquantized, dtype_name, resolve_dtype
 from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
 from megaquant.export.names import hf_targets, router_names, split_rows

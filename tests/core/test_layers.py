@@ -39,7 +39,6 @@ LAYERS = [
     ("megaquant.calib", 6, "calibration (max and the algorithms)"),
     ("megaquant.ptq", 7, "quantize = convert + configure + calibrate"),
     ("megaquant.export", 8, "deployable checkpoints"),
-    ("megaquant.export.kv", 8, "KV-cache scales in the layouts"),
     ("megaquant.train", 8, "QAT/QAD"),
     ("megaquant.evaluate", 8, "evaluation"),
     ("megaquant.jobs", 9, "Hydra jobs"),
