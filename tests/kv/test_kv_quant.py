@@ -136,3 +136,14 @@ def test_kv_quant_refuses_custom_core_attention_by_name(megatron_single):
     model = build_gpt_model(tiny_gpt_config(), None, core_attention=MyAttention)
     with pytest.raises(ValueError, match=r"core_attention is a .*MyAttention.*no known place"):
         megaquant.quantize(model, KV_ONLY, lambda m: None)
+
+
+@pytest.mark.parametrize("name, fmt", [("fp8_kv", "fp8"), ("nvfp4_fp8kv", "fp8"),
+                                       ("nvfp4_nvfp4kv", "nvfp4")])
+def test_kv_quant_ready_recipes(name, fmt):
+    from megaquant.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(name)
+    assert recipe.kv_cache.format == fmt and recipe.kv_cache.scale == "calibrated"
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert recipe.resolve("decoder.layers.0.self_attention.core_attention")["k"].format == fmt
