@@ -133,7 +133,8 @@ def report(args, rows, cost) -> None:
              f"Hamlet; calibration {args.calib_samples} x {args.seq} tokens of other plays (max). "
              "x ref: against fp32 for KV alone, against the weight recipe without KV "
              "otherwise. "
-             "KV bytes per token: K and V over all layers (bf16 cache = 2 bytes a value).", "",
+             "KV bytes per token: K and V over all layers (bf16 cache = 2 bytes a value).",
+             "",
              f"| recipe | KV | ppl ({args.seq}) | x ref | ppl ({args.long}) | x ref | KV bytes/token "
              "| eval s |",
              "|---|---|---|---|---|---|---|---|"]
