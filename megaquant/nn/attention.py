@@ -21,13 +21,19 @@ How they enter a model: by conversion only (:func:`megaquant.quantize` converts 
 attention of a spec-built model too), and only for a recipe with a ``kv_cache:`` section, so
 models quantized without one keep exactly the state (and state-dict keys) they had before.
 
-Which core attentions are known: Megatron's local ``DotProductAttention`` (GPU, local spec) and
-megaquant's CPU ``SDPAttention``. Conversion refuses any other core attention by name when a
+Which core attentions are known: Megatron's local ``DotProductAttention`` (GPU, local spec),
+megaquant's CPU ``SDPAttention`` and, where TE is installed, Megatron's ``TEDotProductAttention``
+(:mod:`megaquant.nn.te_layers`). ``key`` and ``value`` are found by name in the parent's
+``forward`` signature (:meth:`QuantCoreAttentionMixin.kv_positions`); Megatron's
+``TEDotProductAttention.forward`` is in the Megatron contract, so ``megaquant doctor`` checks a
+release for them. Conversion refuses any other core attention by name when a
 recipe has a ``kv_cache:`` section (:mod:`megaquant.convert`), rather than leaving the cache
 silently unquantized.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -36,6 +42,7 @@ from megaquant.nn.base import QuantModuleMixin
 from megaquant.quantizer import TensorQuantizer
 
 KV_ROLES = ("k", "v")
+KV_PARAMS = ("key", "value")  # the parent forward's parameter names, one per role
 
 
 class QuantCoreAttentionMixin(QuantModuleMixin):
@@ -48,12 +55,43 @@ class QuantCoreAttentionMixin(QuantModuleMixin):
         self._setup_quantizers()
 
     def _setup_quantizers(self) -> None:
+        type(self).kv_positions()  # refuse a core attention without key/value, at build time
         for role in KV_ROLES:
             setattr(self, f"{role}_quantizer", TensorQuantizer())
 
-    def forward(self, query, key, value, *args, **kwargs):
-        return super().forward(query, self.k_quantizer(key), self.v_quantizer(value),
-                               *args, **kwargs)
+    @classmethod
+    def kv_positions(cls) -> dict[str, int]:
+        """Positions of ``key`` and ``value`` in the parent's ``forward``, found by name.
+
+        Positions are never assumed (the same discipline as the TE operands): a release whose
+        core attention renames them is refused here, naming the parameters it has, instead of
+        quantizing the wrong tensors.
+        """
+        cached = cls.__dict__.get("_kv_positions")
+        if cached is not None:
+            return cached
+        parent = next(c for c in cls.__mro__[1:]
+                      if "forward" in c.__dict__ and not issubclass(c, QuantCoreAttentionMixin))
+        params = list(inspect.signature(parent.__dict__["forward"]).parameters)[1:]  # no self
+        missing = [n for n in KV_PARAMS if n not in params]
+        if missing:
+            raise TypeError(
+                f"{cls.__name__}: {parent.__module__}.{parent.__qualname__}.forward has no "
+                f"parameter(s) {missing} (it has {params}), so megaquant cannot find the keys "
+                "and values to quantize; this Megatron release is not supported for KV-cache "
+                "quantization (run `megaquant doctor`)")
+        cls._kv_positions = {n: params.index(n) for n in KV_PARAMS}
+        return cls._kv_positions
+
+    def forward(self, *args, **kwargs):
+        args = list(args)
+        for role, name in zip(KV_ROLES, KV_PARAMS):
+            quantizer, pos = getattr(self, f"{role}_quantizer"), self.kv_positions()[name]
+            if name in kwargs:
+                kwargs[name] = quantizer(kwargs[name])
+            else:
+                args[pos] = quantizer(args[pos])
+        return super().forward(*args, **kwargs)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)

@@ -147,3 +147,43 @@ def test_kv_quant_ready_recipes(name, fmt):
     assert recipe.kv_cache.format == fmt and recipe.kv_cache.scale == "calibrated"
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.resolve("decoder.layers.0.self_attention.core_attention")["k"].format == fmt
+
+
+class _Attention(torch.nn.Module):
+    """A core-attention double: returns what it received."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None):
+        return query, key, value
+
+
+class _Renamed(torch.nn.Module):
+    def forward(self, q, k, v, attention_mask):
+        return q, k, v
+
+
+def test_kv_quant_finds_key_and_value_by_name_positional_or_keyword():
+    from megaquant.nn.attention import QuantCoreAttentionMixin
+
+    class QuantAttention(QuantCoreAttentionMixin, _Attention):
+        pass
+
+    attn = QuantAttention()
+    assert QuantAttention.kv_positions() == {"key": 1, "value": 2}
+    fmt = get_format("fp8")
+    attn.k_quantizer.configure(fmt, "dynamic")  # only K on: V must pass through untouched
+    q, k, v = (torch.randn(4, 1, 2, 8) for _ in range(3))
+    want_k = fmt.fake_quantize(k)
+    assert not torch.equal(want_k, k)
+    for out in (attn(q, k, v, None), attn(q, key=k, value=v, attention_mask=None)):
+        assert out[0] is q and out[2] is v and torch.equal(out[1], want_k)
+
+
+def test_kv_quant_refuses_a_core_attention_without_key_and_value_parameters():
+    from megaquant.nn.attention import QuantCoreAttentionMixin
+
+    class QuantRenamed(QuantCoreAttentionMixin, _Renamed):
+        pass
+
+    with pytest.raises(TypeError, match=r"_Renamed.forward has no parameter\(s\) \['key', "
+                                        r"'value'\] \(it has \['q', 'k', 'v', "):
+        QuantRenamed()
