@@ -135,8 +135,8 @@ def report(args, rows, cost) -> None:
              "otherwise. "
              "KV bytes per token: K and V over all layers (bf16 cache = 2 bytes a value).",
              "",
-             f"| recipe | KV | ppl ({args.seq}) | x ref | ppl ({args.long}) | x ref | KV bytes/token "
-             "| eval s |",
+             f"| recipe | KV | ppl ({args.seq}) | x ref | ppl ({args.long}) | x ref "
+             "| KV bytes/token | eval s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, kv, ppl, long, nbytes, te in rows:
         ref = base.get(name.replace("_fp8kv", "").replace("_nvfp4kv", "").replace("_kv", ""), fp)
