@@ -86,3 +86,22 @@ def test_kv_export_nvfp4_kv_modelopt_only(megatron_single, tmp_path):
                                    rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="compressed-tensors has no nvfp4 KV cache"):
         export_model(model, cfg, tmp_path / "y", layouts=["compressed-tensors"], dtype="bfloat16")
+
+
+def test_kv_export_from_a_saved_checkpoint(megatron_single, tmp_path):
+    """The K/V amax travels through a PTQ checkpoint (dist-ckpt) into export_checkpoint."""
+    from megaquant.export import export_checkpoint
+    from megaquant.megatron.checkpoint import save_checkpoint
+
+    model, cfg, want = _quantized("fp8")
+    recipe = {"name": "nvfp4_fp8kv", "rules": NVFP4, "kv_cache": {"format": "fp8"}}
+    save_checkpoint(model, tmp_path / "ckpt", metadata={"recipe_config": recipe,
+                                                        "arch": dict(vars(cfg))})
+    report = export_checkpoint(tmp_path / "ckpt", tmp_path / "x", layouts=["modelopt"])
+    assert report.kv_cache == "fp8"
+    t = R.load_tensors(tmp_path / "x" / "modelopt")
+    for i, (k, v) in want.items():
+        torch.testing.assert_close(t[f"model.layers.{i}.self_attn.k_proj.k_scale"], k / 448,
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(t[f"model.layers.{i}.self_attn.v_proj.v_scale"], v / 448,
+                                   rtol=1e-6, atol=0)
