@@ -187,3 +187,17 @@ def test_kv_quant_refuses_a_core_attention_without_key_and_value_parameters():
     with pytest.raises(TypeError, match=r"_Renamed.forward has no parameter\(s\) \['key', "
                                         r"'value'\] \(it has \['q', 'k', 'v', "):
         QuantRenamed()
+
+
+def test_kv_quant_local_dot_product_attention_finds_key_and_value():
+    """Megatron's local DotProductAttention (GPU only: its forward allocates on CUDA) takes the
+    keys and values where the quantized subclass looks for them."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megaquant.convert import QUANT_MODULES, register_builtins
+    from megaquant.nn.attention import QuantDotProductAttention, QuantSDPAttention
+
+    register_builtins()
+    assert QUANT_MODULES[DotProductAttention] is QuantDotProductAttention
+    assert QuantDotProductAttention.kv_positions() == {"key": 1, "value": 2}
+    assert QuantSDPAttention.kv_positions() == {"key": 1, "value": 2}
