@@ -6,6 +6,10 @@ parameters, buffers, devices and hooks are the module's own and stay where they 
 subclass of ``ColumnParallelLinear`` is reported as skipped; register it with
 :func:`register_quant_module` to convert it.
 
+Core attentions (:mod:`megaquant.nn.attention`) are converted only when the recipe has a
+``kv_cache:`` section; then every module named ``*.core_attention`` must be of a registered type,
+or conversion refuses it by name (a custom core attention would leave the cache unquantized).
+
 After conversion :func:`apply_recipe` sets every quantizer's format and mode from the recipe
 rules. Both steps report what they did in a :class:`ConversionReport`.
 """
@@ -14,8 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from megaquant.nn.attention import QuantCoreAttentionMixin
 from megaquant.nn.base import QuantModuleMixin
 from megaquant.nn.registry import (  # noqa: F401  (have_te, register_quant_module: public here)
     QUANT_MODULES,
@@ -45,8 +51,29 @@ class ConversionReport:
         )
 
 
-def _is_candidate(module: nn.Module) -> bool:
-    return isinstance(module, QuantModuleMixin) or type(module) in QUANT_MODULES
+def _is_candidate(module: nn.Module, recipe: Recipe) -> bool:
+    quant = module if isinstance(module, QuantModuleMixin) else QUANT_MODULES.get(type(module))
+    if quant is None:
+        return False
+    is_attention = isinstance(quant, QuantCoreAttentionMixin) or (
+        isinstance(quant, type) and issubclass(quant, QuantCoreAttentionMixin))
+    return recipe.kv_cache is not None or not is_attention
+
+
+def _check_core_attention(name: str, module: nn.Module, recipe: Recipe) -> None:
+    """Refuse a core attention with no known place for the K/V quantizers (kv_cache recipes)."""
+    if recipe.kv_cache is None or name.rsplit(".", 1)[-1] != "core_attention":
+        return
+    if isinstance(module, QuantCoreAttentionMixin) or type(module) in QUANT_MODULES:
+        return
+    known = sorted(c.__name__ for c, q in QUANT_MODULES.items()
+                   if issubclass(q, QuantCoreAttentionMixin))
+    raise ValueError(
+        f"recipe {recipe.name!r} quantizes the KV cache, but {name} is a "
+        f"{type(module).__module__}.{type(module).__name__}, a core attention with no known "
+        f"place for the K/V quantizers (known: {known}); use one of those in the layer spec, "
+        "register a quantized subclass with megaquant.convert.register_quant_module, or drop "
+        "the recipe's kv_cache section")
 
 
 def convert_model(model: nn.Module, recipe: Recipe) -> ConversionReport:
@@ -54,7 +81,8 @@ def convert_model(model: nn.Module, recipe: Recipe) -> ConversionReport:
     register_builtins()
     report = ConversionReport(recipe=recipe.name)
     for name, module in model.named_modules():
-        if not _is_candidate(module):
+        _check_core_attention(name, module, recipe)
+        if not _is_candidate(module, recipe):
             continue
         pattern = recipe.is_excluded(name)
         if pattern is not None:
@@ -91,8 +119,13 @@ def apply_recipe(model: nn.Module, recipe: Recipe, report: ConversionReport) -> 
             role = qname.split(".")[0].rsplit("_quantizer", 1)[0]
             cfg = resolved.get(role)
             quantizer.name = f"{name}.{qname}"
+            quantizer.fixed_amax = False
             if cfg is None:
                 quantizer.configure(None, "off")
             else:
                 quantizer.configure(cfg.build_format(), cfg.mode)
                 report.enabled_quantizers.setdefault(name, []).append(qname)
+                fixed = recipe.kv_cache.fixed_amax if role in ("k", "v") else None
+                if fixed is not None:  # kv_cache scale: unit; calibration leaves it alone
+                    quantizer.load_amax(torch.tensor(fixed))
+                    quantizer.fixed_amax = True

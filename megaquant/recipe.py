@@ -28,6 +28,11 @@ An optional ``calib:`` section picks the calibration algorithm run before max ca
 Its options are validated by the algorithm, and an algorithm that does not suit the recipe's
 formats (SmoothQuant on a weight-only recipe, AWQ with quantized activations) is an error here,
 at config time, naming the valid combinations.
+
+An optional ``kv_cache:`` section (recipe version 3) quantizes the keys and values written into
+the KV cache (:mod:`megaquant.recipe_kv`)::
+
+    kv_cache: {format: fp8}                 # fp8 | nvfp4; scale: calibrated (default) | unit
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import yaml
 
 from megaquant.formats import QuantFormat, get_format
 from megaquant.recipe_calib import CalibConfig, check_recipe_roles
+from megaquant.recipe_kv import KVCacheConfig
 from megaquant.strict import check_keys
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -55,14 +61,19 @@ DEFAULT_EXCLUDE = ["*output_layer*", "*router*"]
 # saved by an older megaquant still loads (and compares equal to its upgraded spelling).
 #   1: the schema before versions (no ``version`` key)
 #   2: ``version`` key added; nothing else changed
-RECIPE_VERSION = 2
+#   3: ``kv_cache`` (KV-cache quantization; default none)
+RECIPE_VERSION = 3
 
 
 def _v1_to_v2(d: dict) -> dict:
     return {**d, "version": 2}
 
 
-_UPGRADES = {1: _v1_to_v2}  # version -> function returning the next version's mapping
+def _v2_to_v3(d: dict) -> dict:
+    return {"kv_cache": None, **d, "version": 3}
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> function returning the next version's mapping
 
 
 def upgrade(d: dict) -> dict:
@@ -180,6 +191,7 @@ class Recipe:
     description: str = ""
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = RECIPE_VERSION
+    kv_cache: KVCacheConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.calib, CalibConfig):
@@ -197,15 +209,17 @@ class Recipe:
         check_keys(d, cls, "recipe")
         name = d.get("name", "custom")
         rules = d.get("rules")
-        if not rules:
-            raise ValueError(f"recipe {name!r}: 'rules' must be a non-empty list")
+        if not rules and d.get("kv_cache") is None:  # a KV-cache-only recipe has no rules
+            raise ValueError(f"recipe {name!r}: 'rules' must be a non-empty list (or empty "
+                             "with a kv_cache section: KV-cache quantization alone)")
         return cls(
             name=name,
             rules=tuple(Rule.from_dict(r, f"recipe {name!r} rules[{i}]")
-                        for i, r in enumerate(rules)),
+                        for i, r in enumerate(rules or ())),
             exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
             description=d.get("description", ""),
             calib=CalibConfig.from_dict(d.get("calib"), f"recipe {name!r} calib"),
+            kv_cache=KVCacheConfig.from_dict(d.get("kv_cache"), f"recipe {name!r} kv_cache"),
         )
 
     def to_dict(self) -> dict:
@@ -213,7 +227,8 @@ class Recipe:
         and compare: two spellings of one recipe give the same dict)."""
         return {"version": self.version, "name": self.name, "description": self.description,
                 "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude),
-                "calib": self.calib.to_dict()}
+                "calib": self.calib.to_dict(),
+                "kv_cache": None if self.kv_cache is None else self.kv_cache.to_dict()}
 
     def is_excluded(self, name: str) -> str | None:
         """The exclude pattern that matches ``name``, or None."""
@@ -225,6 +240,9 @@ class Recipe:
         for rule in self.rules:
             if rule.matches(name):
                 out.update(rule.roles)
+        if self.kv_cache is not None:  # the k/v roles exist only in core attention layers
+            kv = QuantizerConfig(format=self.kv_cache.format)
+            out.update(k=kv, v=kv)
         return out
 
 

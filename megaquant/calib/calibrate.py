@@ -72,6 +72,8 @@ def _plan(model: nn.Module, groups: dict):
         weights = {}
         for qname, role, q in layer.quantizers():
             restore[q] = q.mode
+            if getattr(q, "fixed_amax", False):  # a fixed scale (kv_cache scale: unit)
+                continue
             if not (q.mode == "static" and q.fmt.needs_amax):
                 q.mode = "off"
                 continue

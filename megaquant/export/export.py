@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import megaquant
+from megaquant.export import kv as KV
 from megaquant.export import layouts as L
 from megaquant.export.dtypes import cast_unquantized, dtype_name, resolve_dtype
 from megaquant.export.families import hf_config
@@ -64,6 +65,7 @@ class ExportReport:
     family: str = ""  # the Hugging Face architecture written (megaquant.export.families)
     lm_head: str = ""  # tied, or untied and what the recipe did with it
     engine_files: list = field(default_factory=list)  # copied from the source checkpoint
+    kv_cache: str | None = None  # the KV-cache format whose per-layer scales were written
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -263,6 +265,16 @@ def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str
     return chosen, skipped
 
 
+def _drop_kv_refusals(chosen: list[str], skipped: dict, kv, *, explicit: bool) -> list[str]:
+    """The chosen layouts that can hold the model's KV-cache scales; the others are skipped
+    with the reason (an error when asked for by name, or when none is left)."""
+    refused = {lay: KV.why_not(lay, kv) for lay in chosen if KV.why_not(lay, kv)}
+    if refused and (explicit or len(refused) == len(chosen)):
+        raise ValueError(f"cannot export: {'; '.join(refused.values())}")
+    skipped.update(refused)
+    return [lay for lay in chosen if lay not in refused]
+
+
 def _save_tokenizer(tokenizer, directory: Path) -> None:
     backend = getattr(tokenizer, "backend", tokenizer)
     if not hasattr(backend, "save"):
@@ -298,7 +310,9 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     out_dtype = resolve_dtype(dtype, source_dtype or arch.params_dtype)
     check_quantized_finite(model, before="export")
     scheme, quantized, excluded = collect(model, arch)
+    kv = KV.collect_kv(model)
     chosen, skipped = _resolve_layouts(layouts, scheme, out_dtype)
+    chosen = _drop_kv_refusals(chosen, skipped, kv, explicit=layouts not in ("auto", None))
     state = {k: v.detach() for k, v in model.state_dict().items()
              if isinstance(v, Tensor) and not k.endswith("_extra_state")}
     hf_state = cast_unquantized(megatron_to_hf([state], arch),
@@ -310,7 +324,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                           dtype=dtype_name(out_dtype),
                           family=hf_config(arch, torch_dtype=dtype_name(out_dtype))["architectures"][0],
                           lm_head=_lm_head_note(arch, quantized, scheme, dtype_name(out_dtype)),
-                          engine_files=sorted(Path(f).name for f in engine_files))
+                          engine_files=sorted(Path(f).name for f in engine_files),
+                          kv_cache=kv and kv.format)
     block = quantized[0].block_size
     input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -318,6 +333,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             d = tmp / layout
             d.mkdir()
             tensors = _layout_tensors(hf_state, quantized, layout, scheme)
+            if kv is not None:
+                tensors.update(KV.tensors(layout, kv))
             check_claims(tensors, quantized, excluded, layout, scheme, out_dtype)
             check_tensors_finite(tensors, before=f"writing the {layout} export")
             if arch.num_moe_experts:
@@ -327,10 +344,12 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             config["dtype"] = config["torch_dtype"]  # transformers 5 reads dtype, 4.x torch_dtype
             config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
                                                                   block_size=block)
+            config["quantization_config"].update(KV.config_fields(layout, kv))
             write_json(d / "config.json", config)
             if layout == "modelopt":
-                write_json(d / "hf_quant_config.json",
-                           L.hf_quant_config(scheme, excluded, block_size=block))
+                hf_quant = L.hf_quant_config(scheme, excluded, block_size=block)
+                hf_quant["quantization"].update(KV.config_fields(layout, kv))
+                write_json(d / "hf_quant_config.json", hf_quant)
             if tokenizer is not None:
                 _save_tokenizer(tokenizer, d)
             for f in engine_files:

@@ -18,7 +18,7 @@ parameter names megaquant passes, which must be among the function's parameters 
 excluded; for a class, its ``__init__``'s, or for a dataclass its fields including inherited
 ones). ``exact``: the parameters must be exactly these (a method megaquant *overrides* with this
 signature, which Megatron calls: a new parameter there would be dropped silently).
-``required=False``: recorded for later work (pipeline p2p helpers, TE attention), not needed by
+``required=False``: recorded for later work (pipeline p2p helpers), not needed by
 megaquant today.
 """
 
@@ -126,8 +126,9 @@ CONTRACT: tuple[Use, ...] = (
     Use(f"{_TE}.TELayerNormColumnParallelLinear"),
     Use(f"{_TE}.TEColumnParallelGroupedLinear"),
     Use(f"{_TE}.TERowParallelGroupedLinear"),
+    Use(f"{_TE}.TEDotProductAttention"),  # subclassed with K/V quantizers (nn/te_layers.py)
     Use(f"{_TE}.TEDotProductAttention.forward", ("query", "key", "value", "attention_mask",
-        "attn_mask_type", "attention_bias", "packed_seq_params"), required=False),
+        "attn_mask_type", "attention_bias", "packed_seq_params")),  # K/V found by name
     # --- the CPU runtime's spec choices mirror these (megatron/cpu/)
     Use("megatron.core.transformer.dot_product_attention.DotProductAttention",
         ("config", "layer_number", "attn_mask_type", "attention_type", "attention_dropout",

@@ -39,10 +39,13 @@ def register_builtins() -> None:
     """
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    from megaquant.nn.attention import CORE_ATTENTION_WRAPPERS
     from megaquant.nn.local import QuantColumnParallelLinear, QuantRowParallelLinear
 
     register_quant_module(ColumnParallelLinear, QuantColumnParallelLinear)
     register_quant_module(RowParallelLinear, QuantRowParallelLinear)
+    for src, quant in CORE_ATTENTION_WRAPPERS.items():  # converted only for kv_cache recipes
+        register_quant_module(src, quant)
     if have_te():
         try:
             from megaquant.nn.te_layers import TE_WRAPPERS

@@ -21,12 +21,14 @@ from megatron.core.extensions.transformer_engine import (
     HAVE_TE,
     TEColumnParallelGroupedLinear,
     TEColumnParallelLinear,
+    TEDotProductAttention,
     TELayerNormColumnParallelLinear,
     TELinear,
     TERowParallelGroupedLinear,
     TERowParallelLinear,
 )
 
+from megaquant.nn.attention import QuantCoreAttentionMixin
 from megaquant.nn.te_mixins import (
     QuantTEGroupedLinearMixin,
     QuantTELayerNormLinearMixin,
@@ -95,6 +97,12 @@ class QuantTERowParallelGroupedLinear(QuantTEGroupedLinearMixin, TERowParallelGr
 
 
 # Megatron TE class -> quantized subclass, registered by megaquant.nn.registry.register_builtins.
+class QuantTEDotProductAttention(QuantCoreAttentionMixin, TEDotProductAttention):
+    """Megatron's ``TEDotProductAttention`` with K/V quantizers on the tensors its ``forward``
+    receives (keys after RoPE, values), found by name; TE's attention kernel is untouched.
+    Converted only for recipes with a ``kv_cache:`` section (megaquant.convert)."""
+
+
 TE_WRAPPERS = {
     TELinear: QuantTELinear,
     TEColumnParallelLinear: QuantTEColumnParallelLinear,
@@ -102,4 +110,5 @@ TE_WRAPPERS = {
     TELayerNormColumnParallelLinear: QuantTELayerNormColumnParallelLinear,
     TEColumnParallelGroupedLinear: QuantTEColumnParallelGroupedLinear,
     TERowParallelGroupedLinear: QuantTERowParallelGroupedLinear,
+    TEDotProductAttention: QuantTEDotProductAttention,
 }

@@ -36,6 +36,7 @@ LAYERS = [
     ("megaquant.demo", 4, "what only the demo needs: GGUF, SmolLM2, Shakespeare, PyPI cache"),
     ("megaquant.recipe", 5, "recipes (and their calib: section)"),
     ("megaquant.recipe_calib", 5, "a recipe's calib: section"),
+    ("megaquant.recipe_kv", 5, "a recipe's kv_cache: section"),
     ("megaquant.convert", 5, "in-place conversion"),
     ("megaquant.spec", 5, "spec providers"),
     ("megaquant.calib", 6, "calibration (max and the algorithms)"),

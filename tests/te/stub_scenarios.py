@@ -120,7 +120,16 @@ def grouped_experts_built_by_spec():
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
-SCENARIOS = [registration, grouped_experts_built_by_spec, spec_provider, built_by_spec_matches_reference,
+def te_attention_kv_found_by_name():
+    """Megatron's TEDotProductAttention takes the keys and values by name: the quantized
+    subclass is registered and finds them where this Megatron's forward declares them."""
+    register_builtins()
+    quant = te_layers.QuantTEDotProductAttention
+    assert QUANT_MODULES[mte.TEDotProductAttention] is quant
+    assert quant.kv_positions() == {"key": 1, "value": 2}
+
+
+SCENARIOS = [registration, te_attention_kv_found_by_name, grouped_experts_built_by_spec, spec_provider, built_by_spec_matches_reference,
              converted_in_place_by_convert_model]
 
 if __name__ == "__main__":

@@ -112,7 +112,15 @@ def install(version: str) -> MagicMock:
             values = grouped_values(_STATE["version"], weights, m_splits)
             return FakeTELayer(_STATE["version"], "_GroupedLinear", mods.grouped_linear, values)(x)
 
+    class DotProductAttention(torch.nn.Module):
+        """A real base class for Megatron's TEDotProductAttention (a MagicMock cannot be one);
+        megaquant never patches TE's attention: it quantizes K/V in Megatron's forward."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
     te.pytorch.Linear, te.pytorch.LayerNormLinear = Linear, LayerNormLinear
+    te.pytorch.DotProductAttention = DotProductAttention
     te.pytorch.GroupedLinear = GroupedLinear
     sys.meta_path.insert(0, _Finder(te))
     return te

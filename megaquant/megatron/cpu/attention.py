@@ -49,6 +49,9 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention does not implement context parallelism; set "
                              "parallel.cp=1 or run on GPU with TE attention")
         self.layer_number = max(1, layer_number)
+        # The TP group this layer's heads are split over (the K/V quantizers' amax is reduced
+        # over it); Megatron's Attention always passes its pg_collection.
+        self.tp_group = getattr(pg_collection, "tp", None)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
