@@ -91,6 +91,15 @@ class QuantizerConfig:
 _UNSET = object()  # a role a rule does not mention (as opposed to null: turn it off)
 
 
+def _check_static_choice(cfg: "QuantizerConfig | None", role: str, where: str) -> None:
+    """NVFP4's four-over-six choice is made when a weight is quantized; engines compute
+    activation block scales with the max-6 rule, so on an activation it would not be served."""
+    if cfg is not None and role != "weight" and cfg.options.get("scale_rule") == "4over6":
+        raise ValueError(f"{where}: scale_rule '4over6' is chosen per block when a *weight* is "
+                         "quantized; inference engines scale activations with the max-6 rule. "
+                         "Use it on the weight role only (remove it from this role).")
+
+
 @dataclass(frozen=True)
 class Rule:
     """Apply quantizer configs to the roles of every layer whose name matches ``modules``."""
@@ -113,6 +122,7 @@ class Rule:
             if role in d:
                 v = d[role]
                 roles[role] = None if v is None else QuantizerConfig.from_dict(v, f"{where}.{role}")
+                _check_static_choice(roles[role], role, f"{where}.{role}")
         return cls(modules=mods, roles=roles)
 
     def matches(self, name: str) -> bool:

@@ -72,22 +72,39 @@ class ColumnQuantizer:
     block whose max is ``limit``. The scale depends on nothing else, so the block ``[x, limit]``
     in the same format with ``block_size=2`` gives exactly the value the full block would, at
     2 elements per row instead of ``block_size`` (8x less work for NVFP4, 64x for INT4).
+
+    NVFP4 with four-over-six scales: the block's choice (max -> 4 or -> 6) is made when GPTQ
+    enters the block, by the format itself on the block's current weights; a max-4 block is then
+    emulated with the pair ``[x, 1.5 limit]`` under the max-6 rule (the same scale, E4M3-rounded
+    from ``1.5 limit / 6 = limit / 4``), and ``x`` stays clamped to ``limit``.
     """
 
     def __init__(self, fmt, amax):
         self.fmt, self.amax = fmt, amax
         self.group = getattr(fmt, "block_size", None) or 0
-        self.pair = dataclasses.replace(fmt, block_size=2) if self.group else None
-        self.limit = None
+        self.four_over_six = getattr(fmt, "four_over_six", False)
+        plain = {"scale_rule": "max6"} if self.four_over_six else {}
+        self.pair = dataclasses.replace(fmt, block_size=2, **plain) if self.group else None
+        self.limit = self.anchor = None
 
     def start_group(self, cols: torch.Tensor) -> None:
-        self.limit = cols.abs().amax(dim=1)  # the block max that sets the block's scale
+        self.limit = self.anchor = cols.abs().amax(dim=1)  # the block max sets the block's scale
+        if self.four_over_six:
+            self.anchor = torch.where(self._maps_to_four(cols), 1.5 * self.limit, self.limit)
+
+    def _maps_to_four(self, cols: torch.Tensor) -> torch.Tensor:
+        """Per row: does the format pick the max-4 scale for this block (padded like the format)?"""
+        blk = torch.nn.functional.pad(cols, (0, self.group - cols.shape[1]))
+        plain = dataclasses.replace(self.fmt, scale_rule="max6")
+        err = lambda f: ((f.fake_quantize(blk, self.amax) - blk) ** 2).sum(1)  # noqa: E731
+        return err(self.fmt) < err(plain)
 
     def __call__(self, col: torch.Tensor) -> torch.Tensor:
         if not self.group:
             return self.fmt.fake_quantize(col[:, None], self.amax)[:, 0]
-        pair = torch.stack([torch.minimum(torch.maximum(col, -self.limit), self.limit),
-                            self.limit], dim=1)
+        anchor = self.limit if self.anchor is None else self.anchor
+        pair = torch.stack([torch.minimum(torch.maximum(col, -self.limit), self.limit), anchor],
+                           dim=1)
         return self.pair.fake_quantize(pair, self.amax)[:, 0]
 
 
