@@ -52,12 +52,13 @@ ALGORITHMS = {  # name -> module implementing Options / check / run ("max": noth
     "smoothquant": "megaquant.calib.smoothquant",
     "awq": "megaquant.calib.awq",
     "gptq": "megaquant.calib.gptq",
+    "rotate_residual": "megaquant.calib.rotate_residual",
 }
 VALID_COMBINATIONS = (
     "max: any recipe; mse: recipes with weight quantizers (searches weight amax and block "
     "clipping); smoothquant: recipes that quantize activations (input) and weights, e.g. int8, "
     "fp8, nvfp4; awq: weight-only recipes (no input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
-    "gptq: recipes with weight quantizers"
+    "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT"
 )
 
 
@@ -166,6 +167,15 @@ def run_algorithm(model: nn.Module, calib: CalibConfig, forward_loop, dp_group) 
         with torch.no_grad():
             pins.update(module.run(model, step.build_options(), forward_loop, dp_group))
     return pins
+
+
+def prepare_algorithms(model: nn.Module, calib: CalibConfig) -> None:
+    """The structural part of each step (an untied output layer, an online transform), for a
+    model restored from a checkpoint: what ``run`` leaves besides weights, norms and amax."""
+    for step in calib.steps:
+        module = get_algorithm(step.algorithm)
+        if module is not None and hasattr(module, "prepare"):
+            module.prepare(model, step.build_options())
 
 
 def apply_pins(pins: dict) -> None:
