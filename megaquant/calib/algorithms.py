@@ -53,12 +53,16 @@ ALGORITHMS = {  # name -> module implementing Options / check / run ("max": noth
     "awq": "megaquant.calib.awq",
     "gptq": "megaquant.calib.gptq",
     "rotate_residual": "megaquant.calib.rotate_residual",
+    "block_hadamard": "megaquant.calib.block_hadamard",
 }
 VALID_COMBINATIONS = (
     "max: any recipe; mse: recipes with weight quantizers (searches weight amax and block "
     "clipping); smoothquant: recipes that quantize activations (input) and weights, e.g. int8, "
     "fp8, nvfp4; awq: weight-only recipes (no input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
-    "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT"
+    "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT; "
+    "block_hadamard: recipes with weight quantizers (local linears); in a chain, smoothquant "
+    "and awq must come before block_hadamard (they fold per-channel scales into the producer of "
+    "an input, which the online transform would mix)"
 )
 
 
@@ -85,8 +89,15 @@ class CalibConfig:
 
     def __post_init__(self):
         self.build_options()
-        if self.then and "max" in (self.algorithm, *(s.algorithm for s in self.then)):
+        names = [self.algorithm, *(s.algorithm for s in self.then)]
+        if self.then and "max" in names:
             raise ValueError("'max' cannot be chained: it is what every chain ends with")
+        late = [n for n in names[names.index("block_hadamard") + 1:]
+                if n in ("smoothquant", "awq")] if "block_hadamard" in names else []
+        if late:
+            raise ValueError(f"{late[0]} after block_hadamard: its per-channel scales would be "
+                             "folded into the producer of an input the online transform mixes; "
+                             f"put {late[0]} before block_hadamard in the chain")
 
     @classmethod
     def from_dict(cls, d, where: str = "calib") -> "CalibConfig":
@@ -267,8 +278,12 @@ class InputStats:
 
 def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[str, nn.Module]],
                    dp_group, *, hessian: bool, full_input: bool,
-                   sample_stride: int = 0) -> dict[str, InputStats]:
+                   sample_stride: int = 0, quantized: bool = False) -> dict[str, InputStats]:
     """Run ``forward_loop`` with quantizers off and hooks on ``layers``; returns synced stats.
+
+    Stats describe the input as the layer's GEMM receives it (:func:`as_gemm_input`): after its
+    online transform, if any; ``quantized``: quantizers stay as they are (on, as at run time)
+    and the stats are of the quantized input (sequential, activation-aware GPTQ).
 
     ``full_input``: all-gather row-parallel inputs over TP so that stats cover the full input
     dimension (AWQ, GPTQ, SmoothQuant's search); otherwise a row-parallel layer's stats stay
@@ -286,7 +301,7 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
 
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input_", kwargs.get("input"))
-            x = x.detach().float()
+            x = as_gemm_input(layer, x.detach(), quantized).float()
             if gather:
                 x = all_gather_cat(x, layer.tp_group, dim=-1)
             s = stats[name]
@@ -307,7 +322,7 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
 
     handles = [layer.register_forward_pre_hook(hook_for(n, layer), with_kwargs=True)
                for n, layer in layers]
-    modes = disable_quantizers(model)
+    modes = {} if quantized else disable_quantizers(model)
     try:
         forward_loop(model)
     finally:
@@ -316,6 +331,18 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
             h.remove()
     _sync_stats(stats, layers, dp_group, full_input, hessian)
     return stats
+
+
+def as_gemm_input(layer: nn.Module, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """``x`` as the layer's GEMM sees it: online-transformed (if the layer has a transform), then
+    through the input quantizer when ``quantized`` (the same deterministic function the layer
+    applies: a static amax, or per-block scales)."""
+    transform = getattr(layer, "input_transform", None)
+    if transform is not None:
+        x = transform(x)
+    if quantized and getattr(layer, "input_quantizer", None) is not None:
+        x = layer.input_quantizer(x)
+    return x
 
 
 def _sync_stats(stats, layers, dp_group, full_input: bool, hessian: bool) -> None:

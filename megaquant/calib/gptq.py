@@ -21,8 +21,21 @@ calibration. The final weights are the dequantized ``Q`` (on the format's grid).
 
 ``damp`` (fraction of the mean diagonal added to ``H``) keeps ``H`` positive definite; a layer
 whose Hessian still cannot be factorised (or yields non-finite weights) keeps its RTN weights,
-with a warning that names it. Activations are captured from the unquantized model in one pass
-(not layer by layer through the already-quantized prefix), ``layers_per_pass`` linears at a time.
+with a warning that names it. By default activations are captured from the unquantized model in
+one pass, ``layers_per_pass`` linears at a time.
+
+``sequential: true`` (activation-aware, as GPTQ's reference code and MR-GPTQ run it): max
+calibration first (activation scales), then transformer block by block in forward order, one
+forward pass each with every quantizer *on*: a block's Hessians are built from the inputs its
+GEMMs really receive at run time, i.e. produced by the already-GPTQ'd previous blocks with
+quantized activations, and quantized by the layer's own input quantizer (after its online
+transform, if any). The layers of one block share a pass (qkv, proj, fc1, fc2), with that
+block's own weights unquantized (they are not GPTQ'd yet). Costs one calibration forward per
+block instead of one per ``layers_per_pass`` linears.
+
+``act_order: true`` processes the format's blocks (single columns for per-channel formats) in
+order of decreasing ``sum diag(H)`` (inputs that carry the most energy first, while the most
+columns remain to absorb their error); blocks stay contiguous, so block scales are unchanged.
 
 Parallel rules: a column-parallel layer (qkv, fc1) holds whole input columns for its output
 rows; GPTQ treats rows independently given ``H``, which is the full replicated-input Hessian
@@ -37,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +67,8 @@ class Options:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block: int = 128  # lazy-update block (rounded up to a multiple of the format's block)
     layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds memory
+    sequential: bool = False  # block by block, Hessians from the quantized prefix (see below)
+    act_order: bool = False  # format blocks in order of decreasing Hessian diagonal mass
 
     def __post_init__(self):
         if self.damp < 0 or self.block < 1:
@@ -144,14 +160,26 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant: ColumnQuantizer, block: int,
-                  damp: float, shard: int | None = None) -> torch.Tensor | None:
+                  damp: float, shard: int | None = None,
+                  act_order: bool = False) -> torch.Tensor | None:
     """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; None when ``h`` cannot be factorised.
 
     ``shard``: width of the slices the format quantizes separately (a row-parallel weight
-    gathered from TP ranks); default the whole row.
+    gathered from TP ranks); default the whole row. ``act_order``: see the module docstring.
     """
+    groups = group_bounds(w.shape[1], shard or w.shape[1], quant.group)
+    perm = None
+    if act_order:
+        mass = torch.diag(h).double()
+        order = sorted(range(len(groups)), key=lambda i: -float(mass[slice(*groups[i])].sum()))
+        perm = torch.cat([torch.arange(*groups[i]) for i in order])
+        sizes = [groups[i][1] - groups[i][0] for i in order]
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        groups = [(e - n, e) for e, n in zip(ends, sizes)]
+        w, h = w[:, perm], h[perm][:, perm]
     with _one_thread():
-        return _gptq(w, h, quant, block, damp, shard)
+        out = _gptq(w, h, quant, block, damp, groups)
+    return out if out is None or perm is None else out[:, torch.argsort(perm)]
 
 
 @contextlib.contextmanager
@@ -167,7 +195,7 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _gptq(w, h, quant: ColumnQuantizer, block: int, damp: float, shard: int | None):
+def _gptq(w, h, quant: ColumnQuantizer, block: int, damp: float, groups: list[tuple[int, int]]):
     w, h = w.clone().float(), h.clone().double()
     dead = torch.diag(h) == 0  # inputs that are always zero: any weight works, use 0
     h[dead, dead] = 1.0
@@ -176,8 +204,6 @@ def _gptq(w, h, quant: ColumnQuantizer, block: int, damp: float, shard: int | No
     if u is None:
         return None
     u = u.float()
-    n = w.shape[1]
-    groups = group_bounds(n, shard or n, quant.group)
     starts = {lo: hi for lo, hi in groups}
     for i1, i2 in lazy_blocks(groups, block):
         w1, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
@@ -209,7 +235,7 @@ def _quantize_layer(name, layer, st, opts: Options):
             return None, None
     block = -(-max(opts.block, group) // group) * group
     out = gptq_quantize(w, st.hessian / max(st.count, 1), ColumnQuantizer(q.fmt, amax), block,
-                        opts.damp, shard=layer.weight.shape[1])
+                        opts.damp, shard=layer.weight.shape[1], act_order=opts.act_order)
     if out is None:
         warn(f"gptq: {name}: the Hessian of its inputs is singular or non-finite (damp="
              f"{opts.damp}); this layer keeps round-to-nearest weights. Raise calib.damp or use "
@@ -220,18 +246,55 @@ def _quantize_layer(name, layer, st, opts: Options):
     return out, amax
 
 
+def stages(layers: list[tuple[str, object]]) -> list[list[tuple[str, object]]]:
+    """Consecutive linears of one transformer block (``...layers.<i>.``) as one stage each."""
+    out, key = [], None
+    for name, layer in layers:
+        m = re.match(r"(.*\.layers\.\d+)\.", name)
+        k = m.group(1) if m else name
+        if out and k == key:
+            out[-1].append((name, layer))
+        else:
+            out.append([(name, layer)])
+        key = k
+    return out
+
+
+@contextlib.contextmanager
+def _float_weights(part):
+    """The stage's own weights unquantized while its inputs are captured: they are about to be
+    GPTQ'd, so their round-to-nearest version is not what will run (``proj`` then sees the
+    float ``qkv`` output, with quantized activations)."""
+    saved = [(layer.weight_quantizer, layer.weight_quantizer.mode) for _, layer in part]
+    for q, _ in saved:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+
+
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
     pins = {}
     layers = quant_linears(model)
-    bar = progress(layers, "gptq")
-    for part in chunks(layers, opts.layers_per_pass):
-        stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True, full_input=True)
+    if opts.sequential:  # activation scales first: the passes below run the quantized model
+        from megaquant.calib.calibrate import calibrate
+
+        calibrate(model, forward_loop, dp_group=dp_group)
+    parts = stages(layers) if opts.sequential else chunks(layers, opts.layers_per_pass)
+    bar = progress(layers, "gptq (sequential)" if opts.sequential else "gptq")
+    for part in parts:
+        with _float_weights(part if opts.sequential else []):
+            stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True,
+                                   full_input=True, quantized=opts.sequential)
         for name, layer in part:
             w, amax = _quantize_layer(name, layer, stats.pop(name), opts)
             if w is not None:
                 layer.weight.data.copy_(w.to(layer.weight.dtype))
                 if amax is not None and layer.weight_quantizer.mode == "static":
                     pins[layer.weight_quantizer] = amax
+                    layer.weight_quantizer.load_amax(amax)  # the next passes run with it
             bar.update(1)
     bar.close()
     return pins

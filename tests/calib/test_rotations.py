@@ -66,3 +66,61 @@ def test_residual_rotation_refuses_layernorm_and_sizes_without_hadamard(megatron
     ref = logits(model, tokens)
     _rotate(model, {"algorithm": "rotate_residual", "block": 4}, megatron_single.dp_group)
     assert rel_err(logits(model, tokens), ref) < 1e-4
+
+
+NVFP4 = {"name": "nvfp4_t", "rules": [{"modules": "*", "weight": {"format": "nvfp4"},
+                                        "input": {"format": "nvfp4"}}]}
+W4A16 = {"name": "w4a16_t", "rules": [{"modules": "*", "weight": {"format": "nvfp4"}}]}
+
+
+def test_block_hadamard_is_exact_in_float_and_restored_from_the_recipe(megatron_single):
+    from megaquant.ptq import restore
+    from megaquant.quantizer import disable_quantizers
+
+    model, tokens = _model(), _tokens()
+    ref = logits(model, tokens)
+    recipe = NVFP4 | {"calib": [{"algorithm": "block_hadamard", "modules": ["*linear_fc2",
+                                                                            "*linear_proj"]}]}
+    restore(model, NVFP4)
+    _rotate(model, recipe["calib"], megatron_single.dp_group)
+    disable_quantizers(model)
+    fc2 = model.decoder.layers[0].mlp.linear_fc2
+    assert fc2.input_transform.block == 16
+    assert rel_err(logits(model, tokens), ref) < 1e-4
+    fresh = _model()
+    restore(fresh, recipe)  # a checkpoint's model gets the online transform from the recipe
+    assert fresh.decoder.layers[1].self_attention.linear_proj.input_transform.block == 16
+    assert fresh.decoder.layers[1].self_attention.linear_qkv.input_transform is None
+
+
+def test_block_hadamard_refuses_straddling_blocks_and_late_smoothing(megatron_single):
+    from megaquant.ptq import restore
+
+    model = _model()
+    restore(model, NVFP4)
+    with pytest.raises(ValueError, match="128 input columns.*block 256.*straddle"):
+        _rotate(model, {"algorithm": "block_hadamard", "block": 256}, megatron_single.dp_group)
+    with pytest.raises(ValueError, match="smoothquant after block_hadamard"):
+        CalibConfig.from_dict(["block_hadamard", "smoothquant"])
+
+
+def test_sequential_gptq_without_activation_quantizers_matches_plain_gptq_on_block_0(
+        megatron_single):
+    """Weight-only: block 0 sees the same (unquantized) inputs either way, bit-exactly; block 1
+    sees block 0's GPTQ'd output only in the sequential run, so its weights differ."""
+    from megaquant.evaluate import run_forward
+    from megaquant.ptq import quantize
+
+    calib = [_tokens(seed=s) for s in (3, 4)]
+    loop = lambda m: run_forward(m, calib, "calib", megatron_single.dp_group)  # noqa: E731
+    out = {}
+    for seq in (False, True):
+        model = _model()
+        quantize(model, W4A16, loop, dp_group=megatron_single.dp_group,
+                 calib={"algorithm": "gptq", "sequential": seq})
+        out[seq] = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    for k in out[True]:
+        if "layers.0." in k:
+            assert torch.equal(out[True][k], out[False][k]), k
+    assert not torch.equal(out[True]["decoder.layers.1.mlp.linear_fc2.weight"],
+                           out[False]["decoder.layers.1.mlp.linear_fc2.weight"])
