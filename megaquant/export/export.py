@@ -38,6 +38,7 @@ from megaquant.export import layouts as L
 from megaquant.export.moe import check_experts_complete, check_moe_model, moe_config
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
+from megaquant.export.transforms import online_transforms, refuse_layouts, transform_config
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -55,6 +56,8 @@ class ExportReport:
     layouts: dict = field(default_factory=dict)  # layout -> files, bytes, bits per parameter
     skipped_layouts: dict = field(default_factory=dict)  # layout -> reason
     tokenizer: bool = False
+    untied: bool = False  # a tied embedding was untied by a rotation: lm_head written
+    online_transforms: dict = field(default_factory=dict)  # HF module -> Hadamard block
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -63,7 +66,10 @@ class ExportReport:
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
                  f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
-        return f"scheme {self.scheme}; " + "; ".join(parts)
+        notes = (["the tied embedding was untied (lm_head written)"] if self.untied else []) + \
+            ([f"online block Hadamard on {len(self.online_transforms)} modules"]
+             if self.online_transforms else [])
+        return f"scheme {self.scheme}; " + "; ".join(parts + notes)
 
 
 def _linear_modules(model: torch.nn.Module):
@@ -248,6 +254,18 @@ def _resolve_layouts(layouts, scheme: str) -> tuple[list[str], dict]:
     return chosen, skipped
 
 
+def untied_arch(model: torch.nn.Module, arch):
+    """(arch, untied): a model whose tied embedding was untied (the residual rotation folds the
+    final norm into the output layer) is exported untied, with its own ``lm_head.weight``."""
+    import dataclasses
+
+    gpt = next((m for _, m in model.named_modules()
+                if hasattr(m, "share_embeddings_and_output_weights")), None)
+    if arch.tie_embeddings and gpt is not None and not gpt.share_embeddings_and_output_weights:
+        return dataclasses.replace(arch, tie_embeddings=False), True
+    return arch, False
+
+
 def _save_tokenizer(tokenizer, directory: Path) -> None:
     backend = getattr(tokenizer, "backend", tokenizer)
     if not hasattr(backend, "save"):
@@ -272,8 +290,11 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
 
     if arch.num_moe_experts:
         check_moe_model(model, arch)
+    arch, untied = untied_arch(model, arch)
     scheme, quantized, excluded = collect(model, arch)
     chosen, skipped = _resolve_layouts(layouts, scheme)
+    transforms = online_transforms(model)
+    chosen, skipped = refuse_layouts(transforms, chosen, skipped, layouts not in ("auto", None))
     state = {k: v.detach() for k, v in model.state_dict().items()
              if isinstance(v, Tensor) and not k.endswith("_extra_state")}
     hf_state = megatron_to_hf([state], arch)
@@ -282,7 +303,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     qparams = sum(q.weight.codes.numel() for q in quantized)
     params = sum(t.numel() for t in hf_state.values())
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
-                          skipped_layouts=skipped, tokenizer=tokenizer is not None)
+                          skipped_layouts=skipped, tokenizer=tokenizer is not None,
+                          untied=untied, online_transforms=transforms)
     block = quantized[0].block_size
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for layout in chosen:
@@ -296,6 +318,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             config = hf_config(arch, torch_dtype=dtype_name, tokenizer=tokenizer)
             config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
                                                                   block_size=block)
+            if transforms and layout == "compressed-tensors":
+                config["quantization_config"]["transform_config"] = transform_config(transforms)
             write_json(d / "config.json", config)
             if layout == "modelopt":
                 write_json(d / "hf_quant_config.json", L.hf_quant_config(scheme, excluded))

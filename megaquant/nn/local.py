@@ -73,6 +73,7 @@ class _QuantParallelLinear(QuantModuleMixin):
     # An online transform of the input, applied before the input quantizer (None: none). Set by
     # calib/block_hadamard.py, which folds its inverse into the weight: ``x W^T = (x H)(W H)^T``
     # for an orthogonal H. It acts on blocks of the last dim, which TP and SP never straddle.
+    # A plain callable, not an nn.Module (a submodule would be shadowed by this class attribute).
     input_transform = None
 
     def __init__(self, *args, **kwargs):
