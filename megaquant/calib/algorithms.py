@@ -54,12 +54,13 @@ ALGORITHMS = {  # name -> module implementing Options / check / run ("max": noth
     "gptq": "megaquant.calib.gptq",
     "rotate_residual": "megaquant.calib.rotate_residual",
     "block_hadamard": "megaquant.calib.block_hadamard",
+    "rotate_heads": "megaquant.calib.rotate_heads",
 }
 VALID_COMBINATIONS = (
     "max: any recipe; mse: recipes with weight quantizers (searches weight amax and block "
     "clipping); smoothquant: recipes that quantize activations (input) and weights, e.g. int8, "
     "fp8, nvfp4; awq: weight-only recipes (no input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
-    "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT; "
+    "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT; rotate_heads: any recipe; "
     "block_hadamard: recipes with weight quantizers (local linears); in a chain, smoothquant "
     "and awq must come before block_hadamard (they fold per-channel scales into the producer of "
     "an input, which the online transform would mix)"

@@ -57,6 +57,16 @@ def test_residual_rotation_keeps_float32_logits(megatron_single, tied, opts):
     assert all(torch.equal(p, torch.ones_like(p)) for p in norms)  # gammas folded
 
 
+@pytest.mark.parametrize("groups", [2, 4])  # GQA (2 heads per V) and plain multi-head
+def test_head_rotation_keeps_float32_logits(megatron_single, groups):
+    model, tokens = _model(num_query_groups=groups), _tokens()
+    ref = logits(model, tokens)
+    proj0 = model.decoder.layers[0].self_attention.linear_proj.weight.clone()
+    _rotate(model, ["rotate_heads", "rotate_residual"], megatron_single.dp_group)
+    assert not torch.allclose(model.decoder.layers[0].self_attention.linear_proj.weight, proj0)
+    assert rel_err(logits(model, tokens), ref) < 1e-4
+
+
 def test_residual_rotation_refuses_layernorm_and_sizes_without_hadamard(megatron_single):
     with pytest.raises(ValueError, match="RMSNorm.*LayerNorm.*commute"):
         _rotate(_model(normalization="LayerNorm"), "rotate_residual", megatron_single.dp_group)
