@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from tests.export import reference_reader as R
 from tests.export.export_helpers import batches, fake_quant_hf_state, quantized_tiny
@@ -97,3 +98,24 @@ def test_modelopt_layout_refuses_an_online_transform(exported, tmp_path):
     model, cfg, _, _ = exported
     with pytest.raises(ValueError, match="'modelopt' refused.*block Hadamard.*down_proj"):
         export_model(model, cfg, tmp_path / "m", layouts=["modelopt"])
+
+
+@torch.no_grad()
+def test_rotated_checkpoint_reloads_untied_with_its_transform(exported, tmp_path):
+    """A rotated, tied model's checkpoint loads into a freshly built *tied* model: restore
+    unties it and installs the online transform from the recipe; logits equal exactly."""
+    from megaquant.megatron.checkpoint import save_checkpoint
+    from megaquant.models.gpt import build_gpt_model
+    from megaquant.ptq import load_quantized
+    from megaquant.recipe import RECIPE_DIR
+
+    model, cfg, _, _ = exported
+    recipe = yaml.safe_load((RECIPE_DIR / f"{RECIPE}.yaml").read_text())  # what a PTQ job stores
+    save_checkpoint(model, tmp_path / "ckpt", metadata={"recipe_config": recipe})
+    fresh = build_gpt_model(cfg, tp_size=1)
+    assert fresh.share_embeddings_and_output_weights
+    load_quantized(fresh, tmp_path / "ckpt")
+    assert not fresh.share_embeddings_and_output_weights
+    tokens = batches(1, 6)[0]
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    assert torch.equal(fresh(tokens, pos, None), model(tokens, pos, None))
