@@ -35,7 +35,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from megaquant.calib.algorithms import progress, quant_linears
