@@ -7,6 +7,8 @@ transform), and each transformed module's input transform is *compressed-tensors
 ``HadamardTransform`` built from the exported ``transform_config``. The compressed-tensors NVFP4
 layout decodes with the reciprocal global scale (2 ulp, see test_export_roundtrip.py), and the
 transform runs in float32 in another order: compared at 1e-4 relative on the logits.
+``nvfp4_rot`` and ``int4_rot_gptq`` (offline rotations only) are rebuilt the same way.
+``mxfp4_mrgptq`` has no exporter yet (MXFP4 export is another issue's work): refused by scheme.
 """
 
 import dataclasses
@@ -119,3 +121,44 @@ def test_rotated_checkpoint_reloads_untied_with_its_transform(exported, tmp_path
     tokens = batches(1, 6)[0]
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     assert torch.equal(fresh(tokens, pos, None), model(tokens, pos, None))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("recipe,arch", [
+    ("nvfp4_rot", {}), ("int4_rot_gptq", {"hidden_size": 128, "ffn_hidden_size": 256})])
+def test_rotated_exports_without_online_transform_give_fake_quant_logits(recipe, arch,
+                                                                        megatron_single, tmp_path):
+    """Offline rotations need nothing in the export: every layout is written (ModelOpt too for
+    NVFP4), untied, and the rebuilt compressed-tensors export gives the fake-quant logits."""
+    from megaquant.export import export_model
+    from megaquant.models.gpt import build_gpt_model
+    from megaquant.models.mapping import hf_to_megatron
+    from megaquant.ptq import restore
+
+    model, cfg = quantized_tiny(recipe, megatron_single.dp_group, tie_embeddings=True, **arch)
+    report = export_model(model, cfg, tmp_path / "x")
+    assert report.untied and not report.online_transforms
+    assert "compressed-tensors" in report.layouts and ("modelopt" in report.layouts) == (
+        recipe == "nvfp4_rot")
+    d = tmp_path / "x" / "compressed-tensors"
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc["transform_config"] == {}
+    sd = R.load_tensors(d)
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    shapes = {k: v.shape for k, v in fake_quant_hf_state(model, untied).items()}
+    hf = {k: v for k, v in sd.items() if k.endswith(".weight") and v.is_floating_point()}
+    for m in {k.rsplit(".", 1)[0] for k in sd if k.endswith("weight_packed")}:
+        hf[f"{m}.weight"] = R.ct_weight(sd, m, qc["config_groups"]["group_0"], shapes[f"{m}.weight"])
+    rebuilt = build_gpt_model(untied, tp_size=1)
+    restore(rebuilt, "nvfp4" if recipe.startswith("nvfp4") else "int4_w4a16")
+    rebuilt.load_state_dict(hf_to_megatron(hf, untied, 0, 1), strict=False)
+    src = dict(model.named_modules())
+    for name, layer in rebuilt.named_modules():
+        if hasattr(layer, "weight_quantizer"):
+            layer.weight_quantizer.configure(None, "off")
+            if layer.input_quantizer.is_enabled:
+                layer.input_quantizer.load_amax(src[name].input_quantizer.amax)
+    tokens = batches(1, 5)[0]
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    want, got = model(tokens, pos, None), rebuilt(tokens, pos, None)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
