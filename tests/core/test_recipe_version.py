@@ -32,7 +32,7 @@ def test_recipe_version_unversioned_is_version_1_and_upgrades():
     assert canonical_recipe(None) is None
 
 
-@pytest.mark.parametrize("version", [0, 3, "2"])
+@pytest.mark.parametrize("version", [0, RECIPE_VERSION + 1, "2"])
 def test_recipe_version_unknown_is_refused_naming_the_readable_ones(version):
     d = {"name": "t", "version": version, "rules": [{"modules": "*", "weight": {"format": "fp8"}}]}
     with pytest.raises(ValueError,
