@@ -44,7 +44,7 @@ def refuse_layouts(transforms: dict, chosen: list, skipped: dict, explicit: bool
            "modules), which this layout cannot express; export the compressed-tensors layout "
            "(transform_config) or quantize without calib block_hadamard")
     bad = [lay for lay in chosen if lay in NO_TRANSFORMS]
-    if bad and explicit:
+    if bad and (explicit or len(bad) == len(chosen)):
         raise ValueError(f"layout {bad[0]!r} refused: {why}")
     return ([lay for lay in chosen if lay not in NO_TRANSFORMS],
             {**skipped, **{lay: f"{lay}: {why}" for lay in bad}})

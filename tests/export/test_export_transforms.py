@@ -8,7 +8,12 @@ transform), and each transformed module's input transform is *compressed-tensors
 layout decodes with the reciprocal global scale (2 ulp, see test_export_roundtrip.py), and the
 transform runs in float32 in another order: compared at 1e-4 relative on the logits.
 ``nvfp4_rot`` and ``int4_rot_gptq`` (offline rotations only) are rebuilt the same way.
-``mxfp4_mrgptq`` has no exporter yet (MXFP4 export is another issue's work): refused by scheme.
+``mxfp4_mrgptq`` (online transform) is written through the MXFP4 exporter in compressed-tensors
+with its transform_config; ModelOpt refuses it as it refuses every online transform.
+
+Since issue-21 compressed-tensors writes NVFP4/MX only with ``dtype=bfloat16`` (its readers
+decompress to bfloat16): the models are rounded to bfloat16 after quantization (lossless, so
+the fake-quant model is exactly what is exported) and exported with ``dtype="bfloat16"``.
 """
 
 import dataclasses
@@ -19,7 +24,12 @@ import torch
 import yaml
 
 from tests.export import reference_reader as R
-from tests.export.export_helpers import batches, fake_quant_hf_state, quantized_tiny
+from tests.export.export_helpers import (
+    batches,
+    fake_quant_hf_state,
+    quantized_tiny,
+    round_params_to_bf16,
+)
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors is a dev dependency")
 RECIPE = "nvfp4_mrgptq"
@@ -34,8 +44,9 @@ def exported(megatron_single, tmp_path_factory):
     from megaquant.export import export_model
 
     model, cfg = quantized_tiny(RECIPE, megatron_single.dp_group, tie_embeddings=True)
+    round_params_to_bf16(model)  # compressed-tensors NVFP4 is written in bfloat16 only: lossless
     d = tmp_path_factory.mktemp("mr") / "export"
-    report = export_model(model, cfg, d)
+    report = export_model(model, cfg, d, dtype="bfloat16")
     return model, cfg, d, report
 
 
@@ -129,18 +140,19 @@ def test_rotated_checkpoint_reloads_untied_with_its_transform(exported, tmp_path
     ("nvfp4_rot", {}), ("int4_rot_gptq", {"hidden_size": 128, "ffn_hidden_size": 256})])
 def test_rotated_exports_without_online_transform_give_fake_quant_logits(recipe, arch,
                                                                         megatron_single, tmp_path):
-    """Offline rotations need nothing in the export: every layout is written (ModelOpt too for
-    NVFP4), untied, and the rebuilt compressed-tensors export gives the fake-quant logits."""
+    """Offline rotations need nothing in the export: every layout is written (ModelOpt too: NVFP4,
+    and INT4 W4A16 since issue-21), untied, and the rebuilt compressed-tensors export gives the
+    fake-quant logits."""
     from megaquant.export import export_model
     from megaquant.models.gpt import build_gpt_model
     from megaquant.models.mapping import hf_to_megatron
     from megaquant.ptq import restore
 
     model, cfg = quantized_tiny(recipe, megatron_single.dp_group, tie_embeddings=True, **arch)
-    report = export_model(model, cfg, tmp_path / "x")
+    round_params_to_bf16(model)  # compressed-tensors NVFP4 is written in bfloat16 only: lossless
+    report = export_model(model, cfg, tmp_path / "x", dtype="bfloat16")
     assert report.untied and not report.online_transforms
-    assert "compressed-tensors" in report.layouts and ("modelopt" in report.layouts) == (
-        recipe == "nvfp4_rot")
+    assert sorted(report.layouts) == ["compressed-tensors", "modelopt"]
     d = tmp_path / "x" / "compressed-tensors"
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
     assert qc["transform_config"] == {}
@@ -164,3 +176,31 @@ def test_rotated_exports_without_online_transform_give_fake_quant_logits(recipe,
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     want, got = model(tokens, pos, None), rebuilt(tokens, pos, None)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_online_transform_only_modelopt_possible_is_refused_not_written_empty(exported, tmp_path):
+    """float32 NVFP4: compressed-tensors cannot write it and ModelOpt cannot say the transform;
+    ``layouts=auto`` refuses (naming the transform) instead of writing no layout."""
+    from megaquant.export import export_model
+
+    model, cfg, _, _ = exported
+    with pytest.raises(ValueError, match="'modelopt' refused.*block Hadamard"):
+        export_model(model, cfg, tmp_path / "f32", dtype="float32")
+    assert not (tmp_path / "f32").exists()
+
+
+def test_mxfp4_mrgptq_exports_compressed_tensors_with_transform_and_refuses_modelopt(
+        megatron_single, tmp_path):
+    from megaquant.export import export_model
+
+    model, cfg = quantized_tiny("mxfp4_mrgptq", megatron_single.dp_group, tie_embeddings=True)
+    round_params_to_bf16(model)
+    report = export_model(model, cfg, tmp_path / "x", dtype="bfloat16")
+    assert report.scheme == "mxfp4" and sorted(report.layouts) == ["compressed-tensors"]
+    assert "block Hadamard" in report.skipped_layouts["modelopt"]
+    config = json.loads((tmp_path / "x" / "compressed-tensors" / "config.json").read_text())
+    (group,) = config["quantization_config"]["transform_config"]["config_groups"].values()
+    assert group["head_dim"] == 32 and sorted(group["apply"][0]["targets"]) == [
+        f"model.layers.{i}.mlp.down_proj" for i in range(cfg.num_layers)]
+    with pytest.raises(ValueError, match="'modelopt' refused.*block Hadamard.*down_proj"):
+        export_model(model, cfg, tmp_path / "m", layouts=["modelopt"], dtype="bfloat16")
