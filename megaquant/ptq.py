@@ -69,10 +69,12 @@ def restore(model: nn.Module, recipe: "str | dict | Recipe") -> ConversionReport
     :func:`load_quantized` or ``load_state_dict``.
     """
     from megaquant.calib.calibrate import prime_amax
+    from megaquant.calib.passes import prepare_algorithms
 
     recipe = load_recipe(recipe)
     report = convert_model(model, recipe)
     apply_recipe(model, recipe, report)
+    prepare_algorithms(model, recipe.calib)
     prime_amax(model)
     return report
 

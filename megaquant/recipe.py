@@ -20,7 +20,7 @@ otherwise silently quantize nothing), while ``exclude`` patterns are allowed to 
 defaults cover layers that only some models have.
 
 An optional ``calib:`` section picks the calibration algorithm run before max calibration
-(:mod:`megaquant.calib.algorithms`)::
+(:mod:`megaquant.recipe_calib`; the passes run in :mod:`megaquant.calib.passes`)::
 
     calib: {algorithm: smoothquant, alpha: 0.5}   # max (default) | mse | smoothquant | awq | gptq
     calib: [{algorithm: smoothquant, search: true}, gptq]   # a chain, run in order
@@ -61,7 +61,9 @@ DEFAULT_EXCLUDE = ["*output_layer*", "*router*"]
 # saved by an older megaquant still loads (and compares equal to its upgraded spelling).
 #   1: the schema before versions (no ``version`` key)
 #   2: ``version`` key added; nothing else changed
-#   3: ``kv_cache`` (KV-cache quantization; default none)
+#   3: ``kv_cache`` (KV-cache quantization; default none); calibration algorithms
+#      rotate_residual/rotate_heads/block_hadamard, gptq sequential/act_order, NVFP4
+#      scale_rule 4over6
 RECIPE_VERSION = 3
 
 
@@ -149,6 +151,15 @@ class QuantizerConfig:
         return get_format(self.format, **self.options)
 
 
+def _check_static_choice(cfg: "QuantizerConfig | None", role: str, where: str) -> None:
+    """NVFP4's four-over-six choice is made when a weight is quantized; engines compute
+    activation block scales with the max-6 rule, so on an activation it would not be served."""
+    if cfg is not None and role != "weight" and cfg.options.get("scale_rule") == "4over6":
+        raise ValueError(f"{where}: scale_rule '4over6' is chosen per block when a *weight* is "
+                         "quantized; inference engines scale activations with the max-6 rule. "
+                         "Use it on the weight role only (remove it from this role).")
+
+
 @dataclass(frozen=True)
 class Rule:
     """Apply quantizer configs to the roles of every layer whose name matches ``modules``."""
@@ -171,6 +182,7 @@ class Rule:
             if role in d:
                 v = d[role]
                 roles[role] = None if v is None else QuantizerConfig.from_dict(v, f"{where}.{role}")
+                _check_static_choice(roles[role], role, f"{where}.{role}")
         return cls(modules=mods, roles=roles)
 
     def matches(self, name: str) -> bool:

@@ -8,8 +8,9 @@ algorithms. Each algorithm has here what a recipe needs to validate it at config
 * ``needs_data``: whether it reads activations (then ``quantize`` needs a ``forward_loop``).
 
 The passes themselves live in :mod:`megaquant.calib` (``mse``, ``smoothquant``, ``awq``,
-``gptq``), dispatched by :mod:`megaquant.calib.passes`. A new algorithm adds its options and
-check here and its ``run`` there (``tests/calib/test_calib_registry.py`` checks both agree).
+``gptq``, ``rotate_residual``, ``rotate_heads``, ``block_hadamard``), dispatched by
+:mod:`megaquant.calib.passes`. A new algorithm adds its options and check here and its ``run``
+there (``tests/calib/test_calib_registry.py`` checks both agree).
 """
 
 from __future__ import annotations
@@ -69,10 +70,40 @@ class GPTQOptions:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block: int = 128  # lazy-update block (rounded up to a multiple of the format's block)
     layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds memory
+    sequential: bool = False  # block by block, Hessians from the quantized prefix (calib/gptq.py)
+    act_order: bool = False  # format blocks in order of decreasing Hessian diagonal mass
 
     def __post_init__(self):
         if self.damp < 0 or self.block < 1:
             raise ValueError("gptq needs damp >= 0 and block >= 1")
+
+
+@dataclass(frozen=True)
+class RotateResidualOptions:
+    seed: int | None = 0  # random signs of the randomized Hadamard (None in YAML: plain Hadamard)
+    block: int = 0  # 0: one Hadamard of the hidden size; B: block-diagonal with blocks of B
+
+    def __post_init__(self):
+        if self.block < 0:
+            raise ValueError("rotate_residual: block must be 0 (full) or a positive block size")
+
+
+@dataclass(frozen=True)
+class RotateHeadsOptions:
+    seed: int | None = 0  # random signs of the Hadamard (None: plain Hadamard)
+
+
+@dataclass(frozen=True)
+class BlockHadamardOptions:
+    block: int = 0  # 0: the weight format's block size
+    modules: tuple = ("*linear_fc2",)  # glob patterns of the layers to transform
+
+    def __post_init__(self):
+        mods = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+        object.__setattr__(self, "modules", mods)
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0:
+            raise ValueError(f"block_hadamard: block must be 0 (the format's) or a power of two, "
+                             f"got {self.block!r}")
 
 
 # ------------------------------------------------------------------------ checks
@@ -106,6 +137,16 @@ def _check_gptq(roles) -> None:
         raise ValueError("GPTQ rounds weights, but the recipe quantizes no weights")
 
 
+def _check_any(roles) -> None:
+    """Any recipe: the rotation is exact in float and helps whatever is quantized."""
+
+
+def _check_block_hadamard(roles) -> None:
+    if not _quantizes(roles, "weight"):
+        raise ValueError("block_hadamard rotates quantized layers' inputs, but the recipe "
+                         "quantizes no weights")
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """What a recipe knows about one calibration algorithm (see the module docstring)."""
@@ -121,12 +162,18 @@ ALGORITHMS: dict[str, Algorithm | None] = {  # "max": plain max calibration, not
     "smoothquant": Algorithm(SmoothQuantOptions, _check_smoothquant, needs_data=True),
     "awq": Algorithm(AWQOptions, _check_awq, needs_data=True),
     "gptq": Algorithm(GPTQOptions, _check_gptq, needs_data=True),
+    "rotate_residual": Algorithm(RotateResidualOptions, _check_any, needs_data=False),
+    "block_hadamard": Algorithm(BlockHadamardOptions, _check_block_hadamard, needs_data=False),
+    "rotate_heads": Algorithm(RotateHeadsOptions, _check_any, needs_data=False),
 }
 VALID_COMBINATIONS = (
     "max: any recipe; mse: recipes with weight quantizers (searches weight amax and block "
     "clipping); smoothquant: recipes that quantize activations (input) and weights, e.g. int8, "
     "fp8, nvfp4; awq: weight-only recipes (no input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
-    "gptq: recipes with weight quantizers"
+    "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT; "
+    "rotate_heads: any recipe; block_hadamard: recipes with weight quantizers (local linears); "
+    "in a chain, smoothquant and awq must come before block_hadamard (they fold per-channel "
+    "scales into the producer of an input, which the online transform would mix)"
 )
 
 
@@ -153,8 +200,15 @@ class CalibConfig:
 
     def __post_init__(self):
         self.build_options()
-        if self.then and "max" in (self.algorithm, *(s.algorithm for s in self.then)):
+        names = [self.algorithm, *(s.algorithm for s in self.then)]
+        if self.then and "max" in names:
             raise ValueError("'max' cannot be chained: it is what every chain ends with")
+        late = [n for n in names[names.index("block_hadamard") + 1:]
+                if n in ("smoothquant", "awq")] if "block_hadamard" in names else []
+        if late:
+            raise ValueError(f"{late[0]} after block_hadamard: its per-channel scales would be "
+                             "folded into the producer of an input the online transform mixes; "
+                             f"put {late[0]} before block_hadamard in the chain")
 
     @classmethod
     def from_dict(cls, d, where: str = "calib") -> "CalibConfig":

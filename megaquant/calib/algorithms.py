@@ -9,6 +9,7 @@ from megaquant.calib.capture import (  # noqa: F401
     InputStats,
     all_gather_cat,
     all_reduce,
+    as_gemm_input,
     capture_inputs,
     chunks,
     group_size,
@@ -18,7 +19,7 @@ from megaquant.calib.capture import (  # noqa: F401
     warn,
     weight_amax,
 )
-from megaquant.calib.passes import apply_pins, run_algorithm  # noqa: F401
+from megaquant.calib.passes import apply_pins, prepare_algorithms, run_algorithm  # noqa: F401
 from megaquant.recipe_calib import (  # noqa: F401
     ALGORITHMS,
     VALID_COMBINATIONS,

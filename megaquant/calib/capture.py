@@ -1,7 +1,7 @@
 """What the calibration algorithms share: finding the quantized linears, capturing their inputs.
 
 The algorithms (:mod:`~megaquant.calib.mse`, :mod:`~megaquant.calib.smoothquant`,
-:mod:`~megaquant.calib.awq`, :mod:`~megaquant.calib.gptq`; dispatched by
+:mod:`~megaquant.calib.awq`, :mod:`~megaquant.calib.gptq`, the rotations; dispatched by
 :mod:`megaquant.calib.passes`) all start the same way: find the linears whose weight quantizer is
 on, then run the calibration data through the model with forward hooks that accumulate input
 statistics (quantizers off, so statistics are those of the unquantized model). Folding a
@@ -116,8 +116,12 @@ class InputStats:
 
 def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[str, nn.Module]],
                    dp_group, *, hessian: bool, full_input: bool,
-                   sample_stride: int = 0) -> dict[str, InputStats]:
+                   sample_stride: int = 0, quantized: bool = False) -> dict[str, InputStats]:
     """Run ``forward_loop`` with quantizers off and hooks on ``layers``; returns synced stats.
+
+    Stats describe the input as the layer's GEMM receives it (:func:`as_gemm_input`): after its
+    online transform, if any; ``quantized``: quantizers stay as they are (on, as at run time)
+    and the stats are of the quantized input (sequential, activation-aware GPTQ).
 
     ``full_input``: all-gather row-parallel inputs over TP so that stats cover the full input
     dimension (AWQ, GPTQ, SmoothQuant's search); otherwise a row-parallel layer's stats stay
@@ -133,7 +137,7 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
 
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input_", kwargs.get("input"))
-            x = x.detach().float()
+            x = as_gemm_input(layer, x.detach(), quantized).float()
             if gather:
                 x = all_gather_cat(x, layer.tp_group, dim=-1)
             s = stats[name]
@@ -154,7 +158,7 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
 
     handles = [layer.register_forward_pre_hook(hook_for(n, layer), with_kwargs=True)
                for n, layer in layers]
-    modes = disable_quantizers(model)
+    modes = {} if quantized else disable_quantizers(model)
     try:
         forward_loop(model)
     finally:
@@ -163,6 +167,18 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
             h.remove()
     _sync_stats(stats, layers, dp_group, full_input, hessian)
     return stats
+
+
+def as_gemm_input(layer: nn.Module, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """``x`` as the layer's GEMM sees it: online-transformed (if the layer has a transform), then
+    through the input quantizer when ``quantized`` (the same deterministic function the layer
+    applies: a static amax, or per-block scales)."""
+    transform = getattr(layer, "input_transform", None)
+    if transform is not None:
+        x = transform(x)
+    if quantized and getattr(layer, "input_quantizer", None) is not None:
+        x = layer.input_quantizer(x)
+    return x
 
 
 def _sync_stats(stats, layers, dp_group, full_input: bool, hessian: bool) -> None:

@@ -21,8 +21,21 @@ calibration. The final weights are the dequantized ``Q`` (on the format's grid).
 
 ``damp`` (fraction of the mean diagonal added to ``H``) keeps ``H`` positive definite; a layer
 whose Hessian still cannot be factorised (or yields non-finite weights) keeps its RTN weights,
-with a warning that names it. Activations are captured from the unquantized model in one pass
-(not layer by layer through the already-quantized prefix), ``layers_per_pass`` linears at a time.
+with a warning that names it. By default activations are captured from the unquantized model in
+one pass, ``layers_per_pass`` linears at a time.
+
+``sequential: true`` (activation-aware, as GPTQ's reference code and MR-GPTQ run it): max
+calibration first (activation scales), then transformer block by block in forward order, one
+forward pass each with every quantizer *on*: a block's Hessians are built from the inputs its
+GEMMs really receive at run time, i.e. produced by the already-GPTQ'd previous blocks with
+quantized activations, and quantized by the layer's own input quantizer (after its online
+transform, if any). The layers of one block share a pass (qkv, proj, fc1, fc2), with that
+block's own weights unquantized (they are not GPTQ'd yet). Costs one calibration forward per
+block instead of one per ``layers_per_pass`` linears.
+
+``act_order: true`` processes the format's blocks (single columns for per-channel formats) in
+order of decreasing ``sum diag(H)`` (inputs that carry the most energy first, while the most
+columns remain to absorb their error); blocks stay contiguous, so block scales are unchanged.
 
 Parallel rules: a column-parallel layer (qkv, fc1) holds whole input columns for its output
 rows; GPTQ treats rows independently given ``H``, which is the full replicated-input Hessian
@@ -37,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 
 import torch
 import torch.distributed as dist
@@ -63,22 +77,39 @@ class ColumnQuantizer:
     block whose max is ``limit``. The scale depends on nothing else, so the block ``[x, limit]``
     in the same format with ``block_size=2`` gives exactly the value the full block would, at
     2 elements per row instead of ``block_size`` (8x less work for NVFP4, 64x for INT4).
+
+    NVFP4 with four-over-six scales: the block's choice (max -> 4 or -> 6) is made when GPTQ
+    enters the block, by the format itself on the block's current weights; a max-4 block is then
+    emulated with the pair ``[x, 1.5 limit]`` under the max-6 rule (the same scale, E4M3-rounded
+    from ``1.5 limit / 6 = limit / 4``), and ``x`` stays clamped to ``limit``.
     """
 
     def __init__(self, fmt, amax):
         self.fmt, self.amax = fmt, amax
         self.group = getattr(fmt, "block_size", None) or 0
-        self.pair = dataclasses.replace(fmt, block_size=2) if self.group else None
-        self.limit = None
+        self.four_over_six = getattr(fmt, "four_over_six", False)
+        plain = {"scale_rule": "max6"} if self.four_over_six else {}
+        self.pair = dataclasses.replace(fmt, block_size=2, **plain) if self.group else None
+        self.limit = self.anchor = None
 
     def start_group(self, cols: torch.Tensor) -> None:
-        self.limit = cols.abs().amax(dim=1)  # the block max that sets the block's scale
+        self.limit = self.anchor = cols.abs().amax(dim=1)  # the block max sets the block's scale
+        if self.four_over_six:
+            self.anchor = torch.where(self._maps_to_four(cols), 1.5 * self.limit, self.limit)
+
+    def _maps_to_four(self, cols: torch.Tensor) -> torch.Tensor:
+        """Per row: does the format pick the max-4 scale for this block (padded like the format)?"""
+        blk = torch.nn.functional.pad(cols, (0, self.group - cols.shape[1]))
+        plain = dataclasses.replace(self.fmt, scale_rule="max6")
+        err = lambda f: ((f.fake_quantize(blk, self.amax) - blk) ** 2).sum(1)  # noqa: E731
+        return err(self.fmt) < err(plain)
 
     def __call__(self, col: torch.Tensor) -> torch.Tensor:
         if not self.group:
             return self.fmt.fake_quantize(col[:, None], self.amax)[:, 0]
-        pair = torch.stack([torch.minimum(torch.maximum(col, -self.limit), self.limit),
-                            self.limit], dim=1)
+        anchor = self.limit if self.anchor is None else self.anchor
+        pair = torch.stack([torch.minimum(torch.maximum(col, -self.limit), self.limit), anchor],
+                           dim=1)
         return self.pair.fake_quantize(pair, self.amax)[:, 0]
 
 
@@ -119,14 +150,26 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant: ColumnQuantizer, block: int,
-                  damp: float, shard: int | None = None) -> torch.Tensor | None:
+                  damp: float, shard: int | None = None,
+                  act_order: bool = False) -> torch.Tensor | None:
     """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; None when ``h`` cannot be factorised.
 
     ``shard``: width of the slices the format quantizes separately (a row-parallel weight
-    gathered from TP ranks); default the whole row.
+    gathered from TP ranks); default the whole row. ``act_order``: see the module docstring.
     """
+    groups = group_bounds(w.shape[1], shard or w.shape[1], quant.group)
+    perm = None
+    if act_order:
+        mass = torch.diag(h).double()
+        order = sorted(range(len(groups)), key=lambda i: -float(mass[slice(*groups[i])].sum()))
+        perm = torch.cat([torch.arange(*groups[i]) for i in order])
+        sizes = [groups[i][1] - groups[i][0] for i in order]
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        groups = [(e - n, e) for e, n in zip(ends, sizes)]
+        w, h = w[:, perm], h[perm][:, perm]
     with _one_thread():
-        return _gptq(w, h, quant, block, damp, shard)
+        out = _gptq(w, h, quant, block, damp, groups)
+    return out if out is None or perm is None else out[:, torch.argsort(perm)]
 
 
 @contextlib.contextmanager
@@ -142,7 +185,7 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _gptq(w, h, quant: ColumnQuantizer, block: int, damp: float, shard: int | None):
+def _gptq(w, h, quant: ColumnQuantizer, block: int, damp: float, groups: list[tuple[int, int]]):
     w, h = w.clone().float(), h.clone().double()
     dead = torch.diag(h) == 0  # inputs that are always zero: any weight works, use 0
     h[dead, dead] = 1.0
@@ -151,8 +194,6 @@ def _gptq(w, h, quant: ColumnQuantizer, block: int, damp: float, shard: int | No
     if u is None:
         return None
     u = u.float()
-    n = w.shape[1]
-    groups = group_bounds(n, shard or n, quant.group)
     starts = {lo: hi for lo, hi in groups}
     for i1, i2 in lazy_blocks(groups, block):
         w1, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
@@ -184,7 +225,7 @@ def _quantize_layer(name, layer, st, opts: Options):
             return None, None
     block = -(-max(opts.block, group) // group) * group
     out = gptq_quantize(w, st.hessian / max(st.count, 1), ColumnQuantizer(q.fmt, amax), block,
-                        opts.damp, shard=layer.weight.shape[1])
+                        opts.damp, shard=layer.weight.shape[1], act_order=opts.act_order)
     if out is None:
         warn(f"gptq: {name}: the Hessian of its inputs is singular or non-finite (damp="
              f"{opts.damp}); this layer keeps round-to-nearest weights. Raise calib.damp or use "
@@ -195,18 +236,55 @@ def _quantize_layer(name, layer, st, opts: Options):
     return out, amax
 
 
+def stages(layers: list[tuple[str, object]]) -> list[list[tuple[str, object]]]:
+    """Consecutive linears of one transformer block (``...layers.<i>.``) as one stage each."""
+    out, key = [], None
+    for name, layer in layers:
+        m = re.match(r"(.*\.layers\.\d+)\.", name)
+        k = m.group(1) if m else name
+        if out and k == key:
+            out[-1].append((name, layer))
+        else:
+            out.append([(name, layer)])
+        key = k
+    return out
+
+
+@contextlib.contextmanager
+def _float_weights(part):
+    """The stage's own weights unquantized while its inputs are captured: they are about to be
+    GPTQ'd, so their round-to-nearest version is not what will run (``proj`` then sees the
+    float ``qkv`` output, with quantized activations)."""
+    saved = [(layer.weight_quantizer, layer.weight_quantizer.mode) for _, layer in part]
+    for q, _ in saved:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+
+
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
     pins = {}
     layers = quant_linears(model)
-    bar = progress(layers, "gptq")
-    for part in chunks(layers, opts.layers_per_pass):
-        stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True, full_input=True)
+    if opts.sequential:  # activation scales first: the passes below run the quantized model
+        from megaquant.calib.calibrate import calibrate
+
+        calibrate(model, forward_loop, dp_group=dp_group)
+    parts = stages(layers) if opts.sequential else chunks(layers, opts.layers_per_pass)
+    bar = progress(layers, "gptq (sequential)" if opts.sequential else "gptq")
+    for part in parts:
+        with _float_weights(part if opts.sequential else []):
+            stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True,
+                                   full_input=True, quantized=opts.sequential)
         for name, layer in part:
             w, amax = _quantize_layer(name, layer, stats.pop(name), opts)
             if w is not None:
                 layer.weight.data.copy_(w.to(layer.weight.dtype))
                 if amax is not None and layer.weight_quantizer.mode == "static":
                     pins[layer.weight_quantizer] = amax
+                    layer.weight_quantizer.load_amax(amax)  # the next passes run with it
             bar.update(1)
     bar.close()
     return pins

@@ -4,7 +4,7 @@ Max calibration with round-to-nearest (RTN) takes every scale from the largest v
 The algorithms change *what* gets quantized (the weights, a norm) or *which* amax is used, so
 that the same formats lose less. A recipe picks one or a chain::
 
-    calib: {algorithm: smoothquant, alpha: 0.5}    # max | mse | smoothquant | awq | gptq
+    calib: {algorithm: smoothquant, alpha: 0.5}    # max | mse | smoothquant | awq | gptq | ...
 
 Each algorithm is one module with a docstring that teaches it and one entry point,
 ``run(model, opts, forward_loop, dp_group) -> pins``. It may rewrite weights and norms, and it
@@ -19,10 +19,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megaquant.calib import awq, gptq, mse, smoothquant
+from megaquant.calib import (
+    awq,
+    block_hadamard,
+    gptq,
+    mse,
+    rotate_heads,
+    rotate_residual,
+    smoothquant,
+)
 from megaquant.recipe_calib import CalibConfig
 
-RUNNERS = {"mse": mse.run, "smoothquant": smoothquant.run, "awq": awq.run, "gptq": gptq.run}
+RUNNERS = {"mse": mse.run, "smoothquant": smoothquant.run, "awq": awq.run, "gptq": gptq.run,
+           "rotate_residual": rotate_residual.run, "block_hadamard": block_hadamard.run,
+           "rotate_heads": rotate_heads.run}
+# What ``run`` leaves besides weights, norms and amax (an untied output layer, an online
+# transform), rebuilt on a model restored from a checkpoint (``megaquant.ptq.restore``).
+PREPARERS = {"rotate_residual": rotate_residual.prepare, "block_hadamard": block_hadamard.prepare}
 
 
 def run_algorithm(model: nn.Module, calib: CalibConfig, forward_loop, dp_group) -> dict:
@@ -38,6 +51,14 @@ def run_algorithm(model: nn.Module, calib: CalibConfig, forward_loop, dp_group) 
             pins.update(RUNNERS[step.algorithm](model, step.build_options(), forward_loop,
                                                 dp_group))
     return pins
+
+
+def prepare_algorithms(model: nn.Module, calib: CalibConfig) -> None:
+    """The structural part of each step (an untied output layer, an online transform), for a
+    model restored from a checkpoint: what ``run`` leaves besides weights, norms and amax."""
+    for step in calib.steps:
+        if step.algorithm in PREPARERS:
+            PREPARERS[step.algorithm](model, step.build_options())
 
 
 def apply_pins(pins: dict) -> None:

@@ -43,6 +43,7 @@ from megaquant.export.families import hf_config
 from megaquant.export.moe import check_experts_complete, check_moe_model
 from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
+from megaquant.export.transforms import online_transforms, refuse_layouts, transform_config
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
 from megaquant.manifest import write_manifest
 
@@ -66,6 +67,8 @@ class ExportReport:
     lm_head: str = ""  # tied, or untied and what the recipe did with it
     engine_files: list = field(default_factory=list)  # copied from the source checkpoint
     kv_cache: str | None = None  # the KV-cache format whose per-layer scales were written
+    untied: bool = False  # a tied embedding was untied by a rotation: lm_head written
+    online_transforms: dict = field(default_factory=dict)  # HF module -> Hadamard block
     megaquant_version: str = megaquant.__version__
 
     def to_dict(self) -> dict:
@@ -74,18 +77,22 @@ class ExportReport:
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
                  f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
+        notes = ([f"online block Hadamard on {len(self.online_transforms)} modules"]
+                 if self.online_transforms else [])
         return (f"{self.family} scheme {self.scheme}, unquantized tensors in {self.dtype}; "
-                f"lm_head {self.lm_head}; " + "; ".join(parts))
+                f"lm_head {self.lm_head}; " + "; ".join(parts + notes))
 
 
-def _lm_head_note(arch, quantized, scheme: str, dtype: str) -> str:
+def _lm_head_note(arch, quantized, scheme: str, dtype: str, untied: bool = False) -> str:
     """What the export did with the output layer: a decision the report states, never a default
     that goes unsaid (an untied lm_head silently left in 16 bits surprised ModelOpt users)."""
     if arch.tie_embeddings:
         return "tied to model.embed_tokens (no lm_head tensor; tie_word_embeddings: true)"
+    how = ("untied by the residual rotation (the tied embedding was untied; lm_head written)"
+           if untied else "untied")
     if any(q.name == "lm_head" for q in quantized):
-        return f"untied, quantized with the recipe ({scheme})"
-    return f"untied, kept in {dtype} (the recipe excludes the output layer)"
+        return f"{how}, quantized with the recipe ({scheme})"
+    return f"{how}, kept in {dtype} (the recipe excludes the output layer)"
 
 
 def _linear_modules(model: torch.nn.Module):
@@ -275,6 +282,18 @@ def _drop_kv_refusals(chosen: list[str], skipped: dict, kv, *, explicit: bool) -
     return [lay for lay in chosen if lay not in refused]
 
 
+def untied_arch(model: torch.nn.Module, arch):
+    """(arch, untied): a model whose tied embedding was untied (the residual rotation folds the
+    final norm into the output layer) is exported untied, with its own ``lm_head.weight``."""
+    import dataclasses
+
+    gpt = next((m for _, m in model.named_modules()
+                if hasattr(m, "share_embeddings_and_output_weights")), None)
+    if arch.tie_embeddings and gpt is not None and not gpt.share_embeddings_and_output_weights:
+        return dataclasses.replace(arch, tie_embeddings=False), True
+    return arch, False
+
+
 def _save_tokenizer(tokenizer, directory: Path) -> None:
     backend = getattr(tokenizer, "backend", tokenizer)
     if not hasattr(backend, "save"):
@@ -301,18 +320,20 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     ``out_dir/export_report.json`` and ``out_dir/manifest.json`` (SHA-256 of every file)
     atomically.
     """
-    from megaquant.models.mapping import megatron_to_hf
-
     from megaquant.finite import check_quantized_finite, check_tensors_finite
+    from megaquant.models.mapping import megatron_to_hf
 
     if arch.num_moe_experts:
         check_moe_model(model, arch)
+    arch, untied = untied_arch(model, arch)
     out_dtype = resolve_dtype(dtype, source_dtype or arch.params_dtype)
     check_quantized_finite(model, before="export")
     scheme, quantized, excluded = collect(model, arch)
     kv = KV.collect_kv(model)
     chosen, skipped = _resolve_layouts(layouts, scheme, out_dtype)
     chosen = _drop_kv_refusals(chosen, skipped, kv, explicit=layouts not in ("auto", None))
+    transforms = online_transforms(model, arch)
+    chosen, skipped = refuse_layouts(transforms, chosen, skipped, layouts not in ("auto", None))
     state = {k: v.detach() for k, v in model.state_dict().items()
              if isinstance(v, Tensor) and not k.endswith("_extra_state")}
     hf_state = cast_unquantized(megatron_to_hf([state], arch),
@@ -323,8 +344,10 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                           skipped_layouts=skipped, tokenizer=tokenizer is not None,
                           dtype=dtype_name(out_dtype),
                           family=hf_config(arch, torch_dtype=dtype_name(out_dtype))["architectures"][0],
-                          lm_head=_lm_head_note(arch, quantized, scheme, dtype_name(out_dtype)),
+                          lm_head=_lm_head_note(arch, quantized, scheme, dtype_name(out_dtype),
+                                                untied),
                           engine_files=sorted(Path(f).name for f in engine_files),
+                          untied=untied, online_transforms=transforms,
                           kv_cache=kv and kv.format)
     block = quantized[0].block_size
     input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
@@ -345,6 +368,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
                                                                   block_size=block)
             config["quantization_config"].update(KV.config_fields(layout, kv))
+            if transforms and layout == "compressed-tensors":
+                config["quantization_config"]["transform_config"] = transform_config(transforms)
             write_json(d / "config.json", config)
             if layout == "modelopt":
                 hf_quant = L.hf_quant_config(scheme, excluded, block_size=block)

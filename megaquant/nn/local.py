@@ -70,11 +70,19 @@ def _recompute_saved_weight(quantizer, weight, qweight):
 
 
 class _QuantParallelLinear(QuantModuleMixin):
+    # An online transform of the input, applied before the input quantizer (None: none). Set by
+    # calib/block_hadamard.py, which folds its inverse into the weight: ``x W^T = (x H)(W H)^T``
+    # for an orthogonal H. It acts on blocks of the last dim, which TP and SP never straddle.
+    # A plain callable, not an nn.Module (a submodule would be shadowed by this class attribute).
+    input_transform = None
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._setup_quantizers()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        if self.input_transform is not None:
+            input = self.input_transform(input)
         qweight = self.weight_quantizer(weight)
         with _recompute_saved_weight(self.weight_quantizer, weight, qweight):
             out = super()._forward_impl(self.input_quantizer(input), qweight, *args, **kwargs)

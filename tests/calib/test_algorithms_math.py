@@ -136,6 +136,41 @@ def test_gptq_pair_block_quantizes_a_column_as_its_full_block_would(name, opts):
     assert torch.equal(q(col), fmt.fake_quantize(block, amax)[:, 0])
 
 
+def test_gptq_four_over_six_columns_reproduce_the_formats_block_choice():
+    """With the block fixed at entry, quantizing its columns one by one (no error feedback)
+    must give what NVFP4 four-over-six gives for the whole block: the per-block 4-or-6 choice
+    and its scale. Reference: the format's own fake_quantize of the block; bit-exact."""
+    fmt = get_format("nvfp4", scale_rule="4over6")
+    g = torch.Generator().manual_seed(11)
+    cols = torch.randn(512, 16, generator=g) * torch.rand(512, 1, generator=g) * 3
+    amax = cols.abs().amax() * 1.2
+    q = gptq.ColumnQuantizer(fmt, amax)
+    q.start_group(cols)
+    assert (q.anchor != q.limit).any() and (q.anchor == q.limit).any(), "both choices occur"
+    got = torch.stack([q(cols[:, i]) for i in range(16)], dim=1)
+    assert torch.equal(got, fmt.fake_quantize(cols, amax))
+
+
+@pytest.mark.parametrize("name,opts", [("int4", {"block_size": 32}), ("int8", {"axis": 0})])
+def test_gptq_act_order_permutes_whole_blocks_and_undoes_the_permutation(name, opts):
+    """Reference: plain GPTQ on the weight with its blocks pre-sorted by Hessian mass gives the
+    act-order result (bit-exact after sorting back), and act order still beats RTN."""
+    x, w = _data(8, d_in=96)
+    x = x.flip(1)  # outlier channels last: act order must move them first
+    fmt = get_format(name, **opts)
+    amax = fmt.compute_amax(w) if fmt.needs_amax else None
+    h = (x.t() @ x).double()
+    cq = lambda: gptq.ColumnQuantizer(fmt, amax)  # noqa: E731
+    got = gptq.gptq_quantize(w, h, cq(), block=64, damp=0.01, act_order=True)
+    g = cq().group or 1
+    mass = torch.diag(h).reshape(-1, g).sum(1)
+    perm = torch.cat([torch.arange(i * g, (i + 1) * g) for i in torch.argsort(-mass).tolist()])
+    want = gptq.gptq_quantize(w[:, perm], h[perm][:, perm], cq(), block=64, damp=0.01)
+    assert not torch.equal(perm, torch.arange(96)), "the data should need a permutation"
+    assert torch.equal(got[:, perm], want)
+    assert _out_err(x, got, w) < 0.9 * _out_err(x, _rtn(fmt, w), w)
+
+
 def test_gptq_blocks_follow_shards_and_pad_a_partial_block():
     assert gptq.group_bounds(80, 80, 32) == [(0, 32), (32, 64), (64, 80)]
     assert gptq.group_bounds(80, 40, 32) == [(0, 32), (32, 40), (40, 72), (72, 80)]

@@ -22,7 +22,8 @@ def test_recipe_calib_awq_with_quantized_activations_is_a_config_error():
 
 
 def test_recipe_calib_unknown_algorithm_and_option_name_the_valid_ones():
-    with pytest.raises(ValueError, match=r"valid: \['awq', 'gptq', 'max', 'mse', 'smoothquant'\]"):
+    with pytest.raises(ValueError, match=r"valid: \['awq', 'block_hadamard', 'gptq', 'max', 'mse', "
+                                         r"'rotate_heads', 'rotate_residual', 'smoothquant'\]"):
         load_recipe({**W4A4, "calib": {"algorithm": "gptqq"}})
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['dampp'\].*'damp'"):
         load_recipe({**W4A4, "calib": {"algorithm": "gptq", "dampp": 0.1}})

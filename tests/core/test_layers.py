@@ -24,6 +24,7 @@ LAYERS = [
     ("megaquant.util", 0, "rank-0 checks, atomic writes, flattened all-reduce"),
     ("megaquant.manifest", 0, "SHA-256 manifests of written directories"),
     ("megaquant.outdir", 0, "output-directory lock, staging and commit"),
+    ("megaquant.transforms", 0, "Hadamard matrices and the online block transform"),
     ("megaquant.finite", 2, "finite checks of quantized weights and scales"),
     ("megaquant.calibrator", 1, "the quantizer's calibrator"),
     ("megaquant.quantizer", 1, "the fake-quant module"),

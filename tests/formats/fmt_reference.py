@@ -124,15 +124,16 @@ def _e4m3_scale(s: np.ndarray) -> np.ndarray:
     return _f32(nearest(np.asarray(s, np.float64), E4M3))
 
 
-def ref_nvfp4(x, global_amax=None, bs: int = 16):
-    """Returns (values, keep mask, block scales s, global scale g)."""
+def ref_nvfp4(x, global_amax=None, bs: int = 16, top: float = 6.0):
+    """Returns (values, keep mask, block scales s, global scale g); ``top``: the E2M1 value a
+    block max maps to (4 for NVFP4's four-over-six candidate)."""
     xb = _blocks(x, bs)
     if global_amax is None:
         global_amax = np.max(np.abs(x)) if x.size else np.float32(0)
     g = _scale(global_amax, 6 * 448)
     bamax = np.max(np.abs(xb), -1, keepdims=True)
     with np.errstate(all="ignore"):
-        s = np.clip(bamax / (np.float32(6) * g), np.float32(2.0**-9), np.float32(448))
+        s = np.clip(bamax / (np.float32(top) * g), np.float32(2.0**-9), np.float32(448))
     s = _e4m3_scale(s)
     s = np.where(bamax == 0, np.float32(1), s)
     s = np.where(np.isfinite(bamax), s, np.float32(np.nan)).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Orthogonal transforms (Hadamard rotations) used by the rotation algorithms in calib/."""
