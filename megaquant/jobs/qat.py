@@ -29,6 +29,7 @@ from megaquant.recipe import canonical_recipe
 from megaquant.train.config import (
     BatchConfig,
     DistillConfig,
+    LearnableScalesConfig,
     OptimConfig,
     TrainerConfig,
     resolve_precision,
@@ -36,7 +37,7 @@ from megaquant.train.config import (
 
 log = logging.getLogger("megaquant.qat")
 MODEL_KEYS_OWN = ("optim", "distill", "quantization", "init_from", "micro_batch_size",
-                  "global_batch_size")
+                  "global_batch_size", "learnable_scales")
 
 
 def register_quantization_group() -> None:
@@ -106,7 +107,8 @@ def _settings(cfg: DictConfig):
     optim = OptimConfig.from_dict(model.get("optim"))
     distill = DistillConfig.from_dict(model.get("distill"))
     batch = BatchConfig(int(model["global_batch_size"]), int(model["micro_batch_size"]))
-    return model, recipe, trainer, optim, distill, batch
+    scales = LearnableScalesConfig.from_dict(model.get("learnable_scales"))
+    return model, recipe, trainer, optim, distill, batch, scales
 
 
 def _data(cfg: DictConfig, tokenizer, seq: int):
@@ -126,6 +128,7 @@ def run(cfg: DictConfig) -> dict:
     from megaquant.integrations.nemo import quantize_for_training
     from megaquant.jobs.ptq import _even_over_dp, build_model
     from megaquant.megatron.dist import init_distributed, init_model_parallel
+    from megaquant.train.learnable import enable_learnable_scales
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
     from megaquant.train.state import (
@@ -138,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
 
     t0 = time.perf_counter()
     validate(cfg, "qat")
-    model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
+    model_cfg, recipe, trainer, optim, distill, batch, scales = _settings(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if trainer.resume else None
@@ -170,11 +173,13 @@ def run(cfg: DictConfig) -> dict:
 
     precision = resolve_precision(trainer.precision, torch.cuda.is_available(),
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    optimizer = build_optimizer(model, optim)
+    enable_learnable_scales(model, scales)  # after calibration / init_from, before resume
+    optimizer = build_optimizer(model, optim, scales.lr_scale)
     layout = {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep, "world_size": env.world_size}
     meta = {"recipe": None if recipe is None else recipe.get("name"),
             "recipe_config": canonical_recipe(recipe),
             "arch": dict(vars(loaded.arch)), "distill": vars(distill),
+            "learnable_scales": vars(scales),
             "parallel": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep}}
     start = 0
     if latest is not None:
