@@ -40,7 +40,9 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import constants as C
-from megaquant.formats.base import QuantFormat, check_input
+from megaquant.formats.base import QuantFormat, QuantizedTensor, check_input
+from megaquant.formats.integer import _int_codes
+from megaquant.formats.nvfp4 import e2m1_encode, nvfp4_block_scale
 from megaquant.formats.rounding import block_amax, from_blocks, round_minifloat, to_blocks
 
 _TINY = 1e-12
@@ -132,3 +134,27 @@ def learnable_fake_quantize(fmt: QuantFormat, x: Tensor, amax: Tensor | None,
     y = torch.clamp(xb / (s * g), -C.E2M1_MAX, C.E2M1_MAX)
     out = _RoundSTE.apply(y, _E2M1) * s * g
     return from_blocks(out, x.shape).to(x.dtype)
+
+
+def quantize_learned(fmt: QuantFormat, w: Tensor, amax: Tensor | None,
+                     blocks: Tensor | None) -> QuantizedTensor:
+    """``fmt.quantize(w, amax)``, but with learned per-block amax ``blocks`` when given.
+
+    What the exporter writes for a weight whose block scales were learned: codes and E4M3
+    (NVFP4) or float32 (INT4) block scales that decode to :func:`learnable_fake_quantize`'s
+    values (the exporter checks that bit for bit before writing).
+    """
+    if blocks is None:
+        return fmt.quantize(w, amax) if amax is not None else fmt.quantize(w)
+    check_learnable(fmt, True)
+    xb = to_blocks(w.detach().float(), fmt.block_size)
+    bamax = _positive(blocks.detach()).unsqueeze(-1)
+    if fmt.name == "int4":
+        codes, scale, _ = _int_codes(xb, bamax, C.INT4_MAX)
+        return QuantizedTensor(from_blocks(codes, w.shape).to(torch.int8), scale.squeeze(-1),
+                               w.shape, w.dtype, None, fmt.name)
+    g = _positive(amax.detach()) / (C.E2M1_MAX * C.E4M3_MAX)
+    s = nvfp4_block_scale(bamax, g)
+    q = round_minifloat(xb / (s * g), C.E2M1_MANT_BITS, C.E2M1_EMIN, C.E2M1_MAX)
+    return QuantizedTensor(from_blocks(e2m1_encode(q), w.shape), s.squeeze(-1).to(
+        torch.float8_e4m3fn), w.shape, w.dtype, g, fmt.name)

@@ -153,3 +153,19 @@ def test_quantizer_parameter_keeps_key_and_float32():
         fresh.make_learnable()
     with pytest.raises(ValueError, match="static quantizer"):
         TensorQuantizer(fmt, "dynamic").make_learnable()
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "int4"])
+def test_export_codes_of_learned_blocks_decode_to_the_forward(name):
+    from megaquant.formats.lsq import quantize_learned
+
+    fmt = get_format(name)
+    x = _data()
+    amax = fmt.compute_amax(x) if fmt.needs_amax else None
+    g = torch.Generator().manual_seed(5)
+    blocks = initial_block_amax(fmt, x) * (0.6 + 0.8 * torch.rand(8, 256 // fmt.block_size,
+                                                                   generator=g))
+    ran = learnable_fake_quantize(fmt, x, amax, blocks)
+    fixed = fmt.fake_quantize(x, amax) if amax is not None else fmt.fake_quantize(x)
+    assert not torch.equal(ran, fixed)  # the learned blocks matter
+    assert torch.equal(fmt.dequantize(quantize_learned(fmt, x, amax, blocks)), ran)
