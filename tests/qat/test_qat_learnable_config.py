@@ -50,3 +50,33 @@ def test_scales_get_their_own_group_without_decay(megatron_single):
     others = [g for g in opt.param_groups if g is not group[0]]
     assert all(g["lr"] == pytest.approx(1e-3) for g in others)
     assert torch.is_tensor(scales[0]) and scales[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "int4_w4a16"])
+def test_export_writes_the_learned_scales(megatron_single, recipe):
+    """The exporter's codes decode to the learned forward (reference: the model's own fake-
+    quantized weights with the learned amax and block amax), not to the calibrated one."""
+    from megaquant.export.export import collect
+    from megaquant.train.config import LearnableScalesConfig
+    from megaquant.train.learnable import enable_learnable_scales
+    from tests.export.export_helpers import quantized_tiny
+
+    model, cfg = quantized_tiny(recipe, megatron_single.dp_group)
+    enable_learnable_scales(model, LearnableScalesConfig(enabled=True, per_block=True))
+    g = torch.Generator().manual_seed(0)
+    layer = model.decoder.layers[0].mlp.linear_fc2
+    calibrated = layer.weight_quantizer(layer.weight).detach()
+    with torch.no_grad():  # stand-in for training: move every learned scale
+        for p in model.parameters():
+            if getattr(p, "quant_scale", False):
+                p.mul_(0.7 + 0.6 * torch.rand(p.shape, generator=g))
+    learned = layer.weight_quantizer(layer.weight).detach()
+    assert not torch.equal(learned, calibrated)
+    _, quantized, _ = collect(model, cfg)  # raises if any layer's codes differ from the forward
+    fc2 = [q for q in quantized if q.name.endswith("layers.0.mlp.down_proj")]
+    assert len(fc2) == 1
+    from megaquant.formats import get_format
+
+    assert torch.equal(get_format(layer.weight_quantizer.fmt.name,
+                                  block_size=layer.weight_quantizer.fmt.block_size)
+                       .dequantize(fc2[0].weight), learned)
