@@ -146,7 +146,9 @@ def run(cfg: DictConfig) -> dict:
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if trainer.resume else None
     if latest is not None:  # a recipe mismatch fails now, not after calibration
-        check_compatible(latest, recipe)
+        from megaquant.train.learnable import check_resume
+
+        check_resume(check_compatible(latest, recipe), scales, latest)
     env = init_distributed(timeout_s=float(cfg.run.timeout_s))
     par = cfg.parallel
     loaded = load_model_source(model_cfg)

@@ -91,3 +91,21 @@ def enable_learnable_scales(model: nn.Module, cfg: LearnableScalesConfig) -> int
         raise ValueError("model.learnable_scales.enabled but no static quantizer has a scale to "
                          "learn; quantize the model with a recipe first (nvfp4, int4_w4a16, ...)")
     return count
+
+
+def check_resume(record: dict, cfg: LearnableScalesConfig, directory) -> None:
+    """Refuse to resume a checkpoint saved with other learnable-scale settings.
+
+    ``enabled``/``per_block`` decide which state exists (``amax`` as a parameter with AdamW
+    moments, ``block_amax``): a mismatch would fail deep in the loader, or silently drop state.
+    ``record``: the checkpoint's ``megaquant.json``. Checkpoints from before learnable scales
+    carry no entry and count as ``enabled: false``.
+    """
+    saved = (record.get("metadata") or {}).get("learnable_scales") or {}
+    want = {"enabled": cfg.enabled, "per_block": cfg.per_block and cfg.enabled}
+    got = {"enabled": bool(saved.get("enabled", False)),
+           "per_block": bool(saved.get("per_block", False)) and bool(saved.get("enabled"))}
+    if got != want:
+        raise ValueError(f"{directory} was trained with model.learnable_scales {got}, but this run "
+                         f"sets {want}; use the checkpoint's settings to resume, or start in "
+                         "another run.output_dir")

@@ -80,3 +80,18 @@ def test_export_writes_the_learned_scales(megatron_single, recipe):
     assert torch.equal(get_format(layer.weight_quantizer.fmt.name,
                                   block_size=layer.weight_quantizer.fmt.block_size)
                        .dequantize(fc2[0].weight), learned)
+
+
+def test_resume_with_other_learnable_settings_is_refused():
+    from megaquant.train.config import LearnableScalesConfig
+    from megaquant.train.learnable import check_resume
+
+    on = LearnableScalesConfig(enabled=True, per_block=True)
+    record = {"metadata": {"learnable_scales": {"enabled": True, "per_block": True,
+                                                "lr_scale": 1.0}}}
+    check_resume(record, on, "ckpt")  # same settings (lr_scale may change)
+    check_resume({"metadata": {}}, LearnableScalesConfig(), "ckpt")  # older checkpoints
+    with pytest.raises(ValueError, match=r"ckpt was trained with model.learnable_scales"):
+        check_resume({"metadata": {}}, on, "ckpt")
+    with pytest.raises(ValueError, match=r"'per_block': True.*'per_block': False"):
+        check_resume(record, LearnableScalesConfig(enabled=True), "ckpt")
