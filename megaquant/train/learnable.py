@@ -15,7 +15,9 @@ scale parameter carries the marks Megatron's own params carry):
   partial sums and are **summed over the TP group** (mark ``tp_grad_sum``). One exception: the
   input of a column-parallel linear without sequence parallelism is replicated over TP and the
   gradient reaching it is already all-reduced inside Megatron's linear (``allreduce_dgrad``):
-  every rank then holds the full gradient and no sum is done (summing would count it tp times).
+  every rank then holds the full gradient and no sum is done (summing would count it tp times);
+  nor for a layer that is not split over TP at all. Tested with Megatron's local linears; the
+  TE layers follow the same partition axes but are not tested under TP on CPU.
 * **TP, sharded scale** (``block_amax`` of a weight, or a per-channel amax along the weight's
   partition axis): rank-local like the weight shard itself; no TP sum; counted on every TP rank
   in the grad norm (``tensor_model_parallel`` / ``partition_dim`` as on the weight).
@@ -35,12 +37,20 @@ from torch import nn
 from megaquant.train.config import LearnableScalesConfig
 
 
-def _replicated_input(layer, role: str) -> bool:
-    """True where every TP rank quantizes the same tensor and receives its full gradient."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+def _tp_grad_sum(layer, role: str) -> bool:
+    """Whether a shared scale's gradient on this layer and role is a TP partial sum.
 
-    return (role == "input" and isinstance(layer, ColumnParallelLinear)
-            and not getattr(layer, "sequence_parallel", False))
+    Not when the layer is not split over TP at all (no weight partition axis: every rank
+    computes the whole layer and holds the whole gradient), nor for the replicated input of a
+    column-parallel layer (weight split along outputs) without sequence parallelism, whose
+    gradient Megatron's linear has already all-reduced. Everything else (split weights, split
+    inputs, partial outputs, sequence-parallel inputs) is a partial sum.
+    """
+    w_axis = layer.partition_axes.get("weight")
+    if w_axis is None:
+        return False
+    column = w_axis % 2 == 0
+    return not (role == "input" and column and not getattr(layer, "sequence_parallel", False))
 
 
 def _mark(param: nn.Parameter, layer, role: str, sharded_axis: int | None) -> None:
@@ -54,7 +64,7 @@ def _mark(param: nn.Parameter, layer, role: str, sharded_axis: int | None) -> No
         param.tp_grad_sum = False
     else:
         param.tensor_model_parallel = False
-        param.tp_grad_sum = not _replicated_input(layer, role)
+        param.tp_grad_sum = _tp_grad_sum(layer, role)
 
 
 def enable_learnable_scales(model: nn.Module, cfg: LearnableScalesConfig) -> int:
