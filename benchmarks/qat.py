@@ -70,6 +70,12 @@ def child(mode: str, recipe: str, layers: int, seq: int, steps: int) -> dict:
     if mode != "off":
         calib = [windows[:1, :-1]]
         megaquant.quantize(model, recipe, lambda m: [m(t, None, None) for t in calib])
+    if mode.startswith("lsq"):  # learnable scales: global amax (+ per-block weight amax)
+        from megaquant.train.config import LearnableScalesConfig
+        from megaquant.train.learnable import enable_learnable_scales
+
+        enable_learnable_scales(model, LearnableScalesConfig(
+            enabled=True, per_block=mode == "lsq-block" or "int4" in recipe))
     keep = mock.patch("megaquant.nn.local._recompute_saved_weight",
                       lambda *a: contextlib.nullcontext()) if mode == "keep-copy" \
         else contextlib.nullcontext()
@@ -111,6 +117,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--modes", nargs="+", default=["on", "keep-copy"],
+                   choices=["on", "keep-copy", "lsq", "lsq-block"],
+                   help="lsq / lsq-block: learnable global (and per-block weight) scales")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
     if args.child:
@@ -122,11 +131,13 @@ def main() -> None:
     rows = []
     for recipe in args.recipes:
         args.recipe_now = recipe
-        res = {mode: run_child(mode, args) for mode in ("off", "on", "keep-copy")}
+        res = {mode: run_child(mode, args) for mode in ("off", *args.modes)}
         off = res["off"]
-        for mode in ("on", "keep-copy"):
+        for mode in args.modes:
             r = res[mode]
-            rows.append(f"| {recipe} | {mode} | {off['step_s']:.2f} | {r['step_s']:.2f} | "
+            vs_on = f" ({r['step_s'] / res['on']['step_s']:.2f}x on)" \
+                if mode.startswith("lsq") and "on" in res else ""
+            rows.append(f"| {recipe} | {mode}{vs_on} | {off['step_s']:.2f} | {r['step_s']:.2f} | "
                         f"{r['step_s'] / off['step_s']:.3f} | {off['peak_mib']:.0f} | "
                         f"{r['peak_mib']:.0f} | {r['peak_mib'] / off['peak_mib']:.3f} |")
     table = _table(args, rows)
@@ -148,7 +159,8 @@ def _table(args, rows) -> str:
             "", "| recipe | quantizers | off s/step | s/step | time ratio (<= 1.5) | "
             "off peak MiB | peak MiB | memory ratio (<= 1.15) |", "|---|---|---|---|---|---|---|---|"]
     foot = ["", "`on`: megaquant as shipped (the fake-quantized weight is recomputed in backward, "
-            "not saved). `keep-copy`: the recompute hook disabled, for comparison. Peak memory: "
+            "not saved). `keep-copy`: the recompute hook disabled, for comparison. `lsq`/"
+            "`lsq-block`: learnable global (and per-block weight) scales. Peak memory: "
             "CUDA peak allocated on GPU; on CPU the resident-set high-water mark above the "
             "interpreter's footprint, with glibc returning every allocation over 64 KiB."]
     return "\n".join(head + rows + foot) + "\n"

@@ -43,6 +43,9 @@ class TensorQuantizer(nn.Module):
         # 1-based index of the first batch whose statistic was non-finite (0: none), kept on
         # the calibrator's device so that checking costs no host sync per batch.
         self._first_nonfinite: torch.Tensor | None = None
+        # Learnable scales (megaquant.formats.lsq): ``amax`` becomes an nn.Parameter under the
+        # same state-dict key, and ``block_amax`` ([..., n_blocks]) one for per-block weights.
+        self.learnable = False
         if fmt is not None:
             self.configure(fmt, mode)
         elif mode != "off":
@@ -78,6 +81,11 @@ class TensorQuantizer(nn.Module):
         if self.mode == "calibrate":
             self.collect(x)
             return x
+        if self.learnable:
+            from megaquant.formats.lsq import learnable_fake_quantize
+
+            return learnable_fake_quantize(self.fmt, x, self.amax if self.fmt.needs_amax else None,
+                                           getattr(self, "block_amax", None))
         if self.mode == "dynamic" or not self.fmt.needs_amax:
             return self.fmt.fake_quantize(x)
         if not self.has_amax:
@@ -121,6 +129,10 @@ class TensorQuantizer(nn.Module):
 
     def load_amax(self, amax: torch.Tensor) -> None:
         """Store ``amax`` (float32, on this module's device) as the static amax."""
+        if isinstance(self.amax, nn.Parameter):  # learnable: keep the parameter object
+            with torch.no_grad():
+                self.amax.copy_(amax.reshape(self.amax.shape))
+            return
         self.amax = amax.detach().to(dtype=torch.float32, device=self.amax.device).clone()
 
     def finish_calibration(self) -> None:
@@ -131,15 +143,47 @@ class TensorQuantizer(nn.Module):
             self.load_amax(amax)
         self.mode, self.calibrator = "static", None
 
+    # ----------------------------------------------------------------- learnable scales
+    def make_learnable(self, weight: torch.Tensor | None = None) -> None:
+        """Turn the static amax (and, given ``weight``, its per-block amax) into parameters.
+
+        Forward values do not change (the learnable kernel is bit-exact with the fixed one at
+        the same scales); only the scales start receiving gradients. ``weight``: the tensor
+        this quantizer quantizes, for per-block scales (NVFP4/INT4 weights); None: the global
+        amax only. Errors name the quantizer and what fits (megaquant.formats.lsq).
+        """
+        from megaquant.formats.lsq import check_learnable, initial_block_amax
+
+        who = f"quantizer {self.name or '(unnamed)'}"
+        if self.mode != "static":
+            raise ValueError(f"{who}: learnable scales need a static quantizer (calibrated or "
+                             f"loaded), not mode {self.mode!r}; calibrate before enabling them")
+        check_learnable(self.fmt, weight is not None, who)
+        if self.fmt.needs_amax:
+            if not self.has_amax:
+                raise ValueError(f"{who}: no amax to learn; calibrate the model first")
+            if not isinstance(self.amax, nn.Parameter):
+                amax = self._buffers.pop("amax")
+                self.amax = nn.Parameter(amax.detach().clone().float())
+        if weight is not None and not hasattr(self, "block_amax"):
+            self.block_amax = nn.Parameter(initial_block_amax(self.fmt, weight))
+        self.learnable = True
+
     # ----------------------------------------------------------------- state
     def _apply(self, fn, recurse=True):
         # The amax stays float32 under dtype casts: Megatron's Float16Module calls
         # ``module.bfloat16()`` on the whole model (Bridge wraps after the pre-wrap hook
         # converted it), which would round calibrated scales to 8 mantissa bits. Devices move.
-        before = self.amax
+        # Learned scales (parameters, changed in place by _apply) keep float32 the same way.
+        before = {k: t.data for k, t in self._parameters.items()} | {"amax": self.amax.data}
         out = super()._apply(fn, recurse)
-        if self.amax.dtype != before.dtype:
-            self.amax = before.to(device=self.amax.device)
+        for name, old in before.items():
+            t = getattr(self, name)
+            if t.dtype != old.dtype:
+                if isinstance(t, nn.Parameter):
+                    t.data = old.to(device=t.device)
+                else:
+                    setattr(self, name, old.to(device=t.device))
         return out
 
     def _load_from_state_dict(
@@ -148,7 +192,8 @@ class TensorQuantizer(nn.Module):
         # The buffer starts empty; adopt the checkpoint's shape (scalar, per-channel, ...)
         # instead of refusing it as a size mismatch.
         key = prefix + "amax"
-        if key in state_dict and state_dict[key].shape != self.amax.shape:
+        if (key in state_dict and state_dict[key].shape != self.amax.shape
+                and not isinstance(self.amax, nn.Parameter)):
             self.amax = torch.empty_like(state_dict[key], device=self.amax.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

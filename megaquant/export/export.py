@@ -45,6 +45,7 @@ from megaquant.export.names import hf_targets, router_names, split_rows
 from megaquant.export.schemes import classify
 from megaquant.export.transforms import online_transforms, refuse_layouts, transform_config
 from megaquant.export.writer import atomic_directory, write_json, write_safetensors
+from megaquant.formats.lsq import quantize_learned
 from megaquant.manifest import write_manifest
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -137,8 +138,11 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     in_scale = _activation_scale(iq)
     block = getattr(wq.fmt, "block_size", None)
     in_fmt = iq.fmt if iq.is_enabled else None
-    out = [L.QuantLinear(n, wq.fmt.quantize(w, a), in_scale, block, in_fmt)
-           for n, w, a in zip(hf_names, weights, amaxes)]
+    # Learned per-block weight amax (QAT with learnable scales) are written as they were learned.
+    blocks = getattr(wq, "block_amax", None)
+    blocks = (None,) * len(weights) if blocks is None else split_rows(blocks.detach(), split, arch)
+    out = [L.QuantLinear(n, quantize_learned(wq.fmt, w, a, b), in_scale, block, in_fmt)
+           for n, w, a, b in zip(hf_names, weights, amaxes, blocks)]
     for q in out:
         _check_no_nan_marker(q)
     # The claim we write: these codes decode to what the model multiplied with. A quantizer

@@ -30,6 +30,7 @@ from megaquant.recipe import canonical_recipe
 from megaquant.train.config import (
     BatchConfig,
     DistillConfig,
+    LearnableScalesConfig,
     OptimConfig,
     TrainerConfig,
     resolve_precision,
@@ -37,7 +38,7 @@ from megaquant.train.config import (
 
 log = logging.getLogger("megaquant.qat")
 MODEL_KEYS_OWN = ("optim", "distill", "quantization", "init_from", "micro_batch_size",
-                  "global_batch_size")
+                  "global_batch_size", "learnable_scales")
 
 
 def register_quantization_group() -> None:
@@ -107,7 +108,8 @@ def _settings(cfg: DictConfig):
     optim = OptimConfig.from_dict(model.get("optim"))
     distill = DistillConfig.from_dict(model.get("distill"))
     batch = BatchConfig(int(model["global_batch_size"]), int(model["micro_batch_size"]))
-    return model, recipe, trainer, optim, distill, batch
+    scales = LearnableScalesConfig.from_dict(model.get("learnable_scales"))
+    return model, recipe, trainer, optim, distill, batch, scales
 
 
 def _data(cfg: DictConfig, tokenizer, seq: int):
@@ -125,11 +127,12 @@ def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
     from megaquant.megatron.dist import explain_timeouts, init_distributed
     from megaquant.outdir import claim_output_dir
+    from megaquant.train.learnable import check_resume
     from megaquant.train.state import check_compatible, recover_step_leftovers, resume_checkpoint
 
     t0 = time.perf_counter()
     validate(cfg, "qat")
-    model_cfg, recipe, trainer, optim, distill, batch = _settings(cfg)
+    model_cfg, recipe, trainer, optim, distill, batch, scales = _settings(cfg)
     check_data_sizes(cfg)
     init_from = resolve_init_from(model_cfg.get("init_from"))
     ckpt_root = Path(cfg.run.output_dir) / "checkpoints"
@@ -142,18 +145,19 @@ def run(cfg: DictConfig) -> dict:
             torch.distributed.barrier()
         latest = resume_checkpoint(ckpt_root) if trainer.resume else None  # verified, or older
         if latest is not None:  # a recipe mismatch fails now, not after calibration
-            check_compatible(latest, recipe)
+            check_resume(check_compatible(latest, recipe), scales, latest)
         return _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
-                           init_from, ckpt_root, latest)
+                           scales, init_from, ckpt_root, latest)
 
 
-def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch, init_from,
-                ckpt_root, latest) -> dict:
+def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch, scales,
+                init_from, ckpt_root, latest) -> dict:
     """The QAT run proper, with ``run.output_dir`` locked against a second run."""
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.integrations.nemo import quantize_for_training
     from megaquant.jobs.ptq import _even_over_dp, build_model
     from megaquant.megatron.dist import init_model_parallel
+    from megaquant.train.learnable import enable_learnable_scales
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
     from megaquant.train.state import load_train_state, save_train_state
@@ -185,11 +189,13 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
 
     precision = resolve_precision(trainer.precision, torch.cuda.is_available(),
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    optimizer = build_optimizer(model, optim)
+    enable_learnable_scales(model, scales)  # after calibration / init_from, before resume
+    optimizer = build_optimizer(model, optim, scales.lr_scale)
     layout = {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep, "world_size": env.world_size}
     meta = {"recipe": None if recipe is None else recipe.get("name"),
             "recipe_config": canonical_recipe(recipe),
             "arch": dict(vars(loaded.arch)), "distill": vars(distill),
+            "learnable_scales": vars(scales),
             "parallel": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep}}
     start = 0
     if latest is not None:

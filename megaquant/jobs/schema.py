@@ -80,6 +80,7 @@ class QATModelConfig(ModelConfig):
     init_from: Optional[str] = None
     optim: Dict[str, Any] = field(default_factory=dict)  # train.config.OptimConfig
     distill: Dict[str, Any] = field(default_factory=dict)  # train.config.DistillConfig
+    learnable_scales: Dict[str, Any] = field(default_factory=dict)  # LearnableScalesConfig
     quantization: Any = None  # a recipe (the group model/quantization), absent: unquantized
 
 

@@ -67,11 +67,16 @@ class QuantModuleMixin:
         The parent describes every extra buffer as replicated over TP, which is right for a
         per-tensor amax (TP ranks agree after calibration) but wrong for a per-channel amax
         split with the weight's output channels, and impossible for an amax that is still empty
-        (uncalibrated or dynamic): those entries are dropped.
+        (uncalibrated or dynamic): those entries are dropped. A learned ``block_amax`` is split
+        along the weight's partition axis.
         """
-        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
-
         for qname, role, q in self.quantizers():
+            # A learned per-block amax (megaquant.train.learnable) is split with its weight.
+            blocks = getattr(q, "block_amax", None)
+            if blocks is not None and self.partition_axes.get(role) is not None:
+                self._shard_tp(sharded, f"{prefix}{qname}.block_amax", blocks,
+                               self.partition_axes[role] % blocks.dim(), prefix, sharded_offsets,
+                               metadata)
             key = f"{prefix}{qname}.amax"
             if key not in sharded:
                 continue
@@ -79,19 +84,24 @@ class QuantModuleMixin:
                 del sharded[key]
                 continue
             axis = sharded_amax_axis(q.fmt, self.partition_axes.get(role), q.amax.dim())
-            if axis is None:
-                continue
-            sharded[key] = make_tp_sharded_tensor_for_checkpoint(
-                q.amax, key, tp_axis=axis, prepend_offsets=sharded_offsets,
-                tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
-            )
-            if axis == 0 and self._is_gated_fc1(prefix):
-                # Each rank's fc1 rows are [gate_r; up_r]: describe the amax rows the way
-                # Megatron's MLP describes the fc1 weight, or resharding would mix gate and up.
-                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
+            if axis is not None:
+                self._shard_tp(sharded, key, q.amax, axis, prefix, sharded_offsets, metadata)
         return sharded
+
+    def _shard_tp(self, sharded, key, tensor, axis, prefix, sharded_offsets, metadata) -> None:
+        """Describe ``tensor`` as split over TP along ``axis`` (the parent said replicated)."""
+        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+        sharded[key] = make_tp_sharded_tensor_for_checkpoint(
+            tensor, key, tp_axis=axis, prepend_offsets=sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )
+        if axis == 0 and self._is_gated_fc1(prefix):
+            # Each rank's fc1 rows are [gate_r; up_r]: describe the amax rows the way
+            # Megatron's MLP describes the fc1 weight, or resharding would mix gate and up.
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
 
     def _is_gated_fc1(self, prefix: str) -> bool:
         # The same test Megatron's MLP.sharded_state_dict applies to its fc1 weight.

@@ -86,6 +86,29 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class LearnableScalesConfig:
+    """``model.learnable_scales``: LSQ-style learned amax (megaquant.train.learnable).
+
+    ``enabled``: learn the global/per-tensor amax of every static quantizer that has one.
+    ``per_block``: also learn the per-block amax of NVFP4 and INT4 weights (INT4 has nothing
+    else to learn). ``lr_scale``: the scales' learning rate is ``model.optim.lr * lr_scale``;
+    scales never get weight decay (a decayed amax would shrink toward clipping everything).
+    """
+
+    enabled: bool = False
+    per_block: bool = False
+    lr_scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.lr_scale > 0:
+            raise ValueError(f"model.learnable_scales.lr_scale must be > 0, got {self.lr_scale}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "LearnableScalesConfig":
+        return _from_dict(cls, values, "model.learnable_scales")
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """``trainer``: how long, how often, how precise."""
 

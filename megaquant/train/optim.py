@@ -31,6 +31,9 @@ The rules (Megatron's DDP and ``ChainedOptimizer`` do the same):
    then summed over ``ep_group`` (the ranks holding the other experts). DP and expert-DP
    replicas hold identical grads after rule 1 and are not summed. The two partial sums add up
    to the global squared norm, identical on every rank, so clipping scales every rank alike.
+5. **Learnable quantization scales** shared over TP (``tp_grad_sum``) are summed over
+   ``tp_group`` (the expert-TP group for experts): each rank only saw its shard's share.
+   The rules, and the one exception, are written out in :mod:`megaquant.train.learnable`.
 4. **No missing grads**: a trainable param without a grad (an expert that got no token in a
    module that skips empty experts, a frozen branch) gets a zero grad before the sums, as in
    Megatron's grad buffers. Every rank then all-reduces buffers of the same layout whatever the
@@ -51,14 +54,23 @@ from torch import nn
 from megaquant.train.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable params; no weight decay on 1-D params (norms, biases)."""
-    decay, no_decay = [], []
+def build_optimizer(model: nn.Module, optim: OptimConfig,
+                    scale_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the trainable params; no weight decay on 1-D params (norms, biases).
+
+    Learnable quantization scales (``quant_scale``, megaquant.train.learnable) get a group of
+    their own: no weight decay, learning rate ``lr * scale_lr_scale`` (kept by ``set_lr``).
+    """
+    decay, no_decay, scales = [], [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
+            if getattr(p, "quant_scale", False):
+                scales.append(p)
+            else:
+                (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": scales, "weight_decay": 0.0, "lr_scale": scale_lr_scale}]
     # foreach=False: the per-param loop gives the same bits as a single process would, which
     # exact-resume and the parallel tests rely on; speed is the matmuls', not this loop's.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas,
@@ -93,13 +105,20 @@ def _require(group, name: str, what: str):
     return group
 
 
-def reduce_gradients(model: nn.Module, *, dp_group, tp_group, expert_dp_group=None) -> None:
-    """Rules 1, 2 and 4 of the module docstring: zero-fill, SP sum, (expert-)DP sums."""
+def reduce_gradients(model: nn.Module, *, dp_group, tp_group, expert_dp_group=None,
+                     expert_tp_group=None) -> None:
+    """Rules 1, 2, 4 and 5 of the module docstring: zero-fill, SP and scale sums, DP sums."""
     params = _trainable(model)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     _flat_all_reduce([p.grad for p in params if getattr(p, "sequence_parallel", False)], tp_group)
+    # Rule 5: shared learnable quantization scales (megaquant.train.learnable).
+    tp_sum = [p for p in params if getattr(p, "tp_grad_sum", False)]
+    _flat_all_reduce([p.grad for p in tp_sum if not is_expert_parallel(p)], tp_group)
+    if any(is_expert_parallel(p) for p in tp_sum):
+        _flat_all_reduce([p.grad for p in tp_sum if is_expert_parallel(p)],
+                         _require(expert_tp_group, "expert_tp_group", "the scale grad sum"))
     expert = [p.grad for p in params if is_expert_parallel(p)]
     if expert:
         _flat_all_reduce(expert, _require(expert_dp_group, "expert_dp_group", "the grad sum"))
@@ -151,4 +170,4 @@ def clip_gradients(model: nn.Module, max_norm: float, tp_group, *, expert_tp_gro
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

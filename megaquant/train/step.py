@@ -114,7 +114,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr
         loss.backward()
         total += loss.detach().double()
     reduce_gradients(model, dp_group=ctx.dp_group, tp_group=ctx.tp_group,
-                     expert_dp_group=ctx.expert_dp_group)
+                     expert_dp_group=ctx.expert_dp_group, expert_tp_group=ctx.expert_tp_group)
     norm = clip_gradients(model, ctx.grad_clip, ctx.tp_group, expert_tp_group=ctx.expert_tp_group,
                           ep_group=ctx.ep_group)
     set_lr(optimizer, lr)

@@ -29,8 +29,10 @@ def full_state(seed=0):
     return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def build(groups, full, recipe=RECIPE, calibrate=True):
-    """The tiny GPT at this layout with ``full`` weights, quantized with ``recipe`` (or None)."""
+def build(groups, full, recipe=RECIPE, calibrate=True, scales=None):
+    """The tiny GPT at this layout with ``full`` weights, quantized with ``recipe`` (or None).
+
+    ``scales``: a LearnableScalesConfig to enable after quantization (None: fixed scales)."""
     import megaquant
     from megaquant.evaluate import run_forward
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
@@ -45,6 +47,10 @@ def build(groups, full, recipe=RECIPE, calibrate=True):
                            dp_group=groups.dp_group)
     elif recipe is not None:
         megaquant.ptq.restore(model, recipe)
+    if scales is not None:
+        from megaquant.train.learnable import enable_learnable_scales
+
+        enable_learnable_scales(model, scales)
     return model
 
 
@@ -60,27 +66,29 @@ def settings(max_steps=4, distill=False):
 
 
 def train_run(groups, full, *, steps=4, distill=False, start=0, stop_after=None, model=None,
-              optimizer=None):
+              optimizer=None, scales=None):
     """Train the tiny model; returns (model, optimizer, per-step losses)."""
-    model = model if model is not None else build(groups, full)
+    model = model if model is not None else build(groups, full, scales=scales)
     teacher = None
     if distill:
         teacher = build(groups, full, recipe=None)
         teacher.requires_grad_(False)
     optimizer, recs = train_records(groups, model, optimizer, steps=steps, distill=distill,
-                                    teacher=teacher, start=start, stop_after=stop_after)
+                                    teacher=teacher, start=start, stop_after=stop_after,
+                                    scale_lr_scale=scales.lr_scale if scales else 1.0)
     return model, optimizer, [r["loss"] for r in recs]
 
 
 def train_records(groups, model, optimizer=None, *, steps=4, distill=False, teacher=None,
-                  start=0, stop_after=None):
+                  start=0, stop_after=None, scale_lr_scale=1.0):
     """Train ``model`` (any layout, expert groups included); returns (optimizer, records)."""
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
     from megaquant.train.step import StepContext
 
     trainer, optim, batch, dist_cfg = settings(steps, distill)
-    optimizer = optimizer if optimizer is not None else build_optimizer(model, optim)
+    optimizer = optimizer if optimizer is not None else build_optimizer(model, optim,
+                                                                        scale_lr_scale)
     ctx = StepContext(windows(), batch, groups.dp_group, groups.tp_group, dist_cfg, teacher,
                       trainer.gradient_clip_val).with_expert_groups(groups)
     recs = train(model, optimizer, ctx, trainer=trainer, optim=optim, start_step=start,
@@ -109,7 +117,7 @@ def full_moe_state_seeded(seed):
             for k, v in full_moe_state().items()}
 
 
-def build_moe(groups, full, recipe=RECIPE, calibrate=True, empty_expert=False):
+def build_moe(groups, full, recipe=RECIPE, calibrate=True, empty_expert=False, scales=None):
     """The tiny MoE at this TP x EP layout with ``full`` weights, quantized with ``recipe``.
 
     ``empty_expert``: the routers never pick expert ``tests.moe.moe_helpers.EMPTY_EXPERT``.
@@ -132,6 +140,10 @@ def build_moe(groups, full, recipe=RECIPE, calibrate=True, empty_expert=False):
                            dp_group=groups.dp_group)
     else:
         megaquant.ptq.restore(model, recipe)
+    if scales is not None:
+        from megaquant.train.learnable import enable_learnable_scales
+
+        enable_learnable_scales(model, scales)
     return model
 
 
