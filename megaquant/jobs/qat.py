@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.integrations.nemo import quantize_for_training
-    from megaquant.jobs.ptq import _even_over_dp, build_model
+    from megaquant.jobs.ptq import _even_over_dp, build_model, check_pipeline_support
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
@@ -149,6 +149,7 @@ def run(cfg: DictConfig) -> dict:
     loaded = load_model_source(model_cfg)
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
+    check_pipeline_support(loaded.arch, par, "QAT/QAD")
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
