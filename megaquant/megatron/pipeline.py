@@ -52,8 +52,8 @@ def run_schedule(model, micro_batches: list[Tensor], groups, step, *, seq_length
 
     ``step(model, tokens)`` runs the model on one micro-batch and returns ``(output,
     loss_func)`` as Megatron's ``forward_step_func`` does; ``seq_length`` is the length of the
-    sequences the model sees (the activations sent between stages). Returns the last stage's collected
-    loss records (empty elsewhere).
+    sequences the model sees (the activations sent between stages). Returns the last stage's
+    collected loss records (empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator

@@ -73,7 +73,8 @@ def split_layers(num_layers: int, pp: int, first: Optional[int] = None,
             raise ValueError(f"the model has {num_layers} layers, which parallel.pp={pp} "
                              f"stages cannot share evenly; use {_even_options(num_layers, pp)}")
         return [num_layers // pp] * pp
-    rest, middle = num_layers - (first or 0) - (last or 0), pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    middle = pp - (first is not None) - (last is not None)
     if rest < 0 or (middle == 0 and rest != 0) or (middle > 0 and (rest <= 0 or rest % middle)):
         raise ValueError(
             f"the model has {num_layers} layers: pp_first_layers={first}, pp_last_layers={last} "
