@@ -7,7 +7,8 @@ forwards at PP=1; the loss must agree to float rounding (1e-6 relative: same wei
 same per-layer math, the same token-weighted float64 reduction), the quantized layers must be
 the same (global names), and exporting the PP=2 checkpoint (loaded at PP=1 by the exporter)
 must give byte-identical files to exporting the PP=1 checkpoint, which also checks that every
-amax and quantizer state saved from its stage matches.
+amax and quantizer state saved from its stage matches. The other direction: the PP=1
+checkpoint loaded into PP=2 stages (weights and quantizer state) evaluates to the PP=1 loss.
 """
 
 import filecmp
@@ -15,7 +16,27 @@ import json
 
 import pytest
 
-from tests.distributed_utils import run_script
+from tests.distributed_utils import run_ranks, run_script
+
+
+def _load_at_pp2(ckpt, text):
+    """Rank worker: load a checkpoint into PP=2 stages, evaluate through the schedule."""
+    from megaquant.jobs.common import load_model_source, token_batches
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+    from megaquant.megatron.pipeline import pipeline_evaluate_loss
+    from megaquant.megatron.stages import stage_layout
+    from megaquant.models.gpt import build_gpt_model
+    from megaquant.ptq import load_quantized
+    from megaquant.spec import get_spec_provider
+
+    init_distributed(timeout_s=120)
+    groups = init_model_parallel(pp=2)
+    loaded = load_model_source({"source": "megatron", "path": str(ckpt), "seq_length": 64})
+    stage = stage_layout(loaded.arch.num_layers, 2, groups.pp_rank, first=2)
+    model = build_gpt_model(loaded.arch, get_spec_provider("local"), stage=stage)
+    load_quantized(model, ckpt)
+    evals = token_batches(text, loaded.tokenizer, 5, 64, 2)
+    return pipeline_evaluate_loss(model, evals, groups)
 
 
 def _ptq(tmp_path, name, *extra):
@@ -59,3 +80,8 @@ def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
     assert any(".layers.2." in name for name in s2["layers_quantized"])  # the last stage's
     assert s2["eval_tokens"] == s1["eval_tokens"]
     _same_tree(_export(tmp_path, "pp1"), _export(tmp_path, "pp2"))
+    # PP=1 checkpoint -> PP=2 stages split 2+1 (the PP=2 run split 1+2: layouts are free).
+    losses = run_ranks(_load_at_pp2, world_size=2,
+                       args=(tmp_path / "pp1" / "checkpoint", tmp_path / "text.txt"),
+                       timeout_s=300)
+    assert losses[0] == losses[1] == pytest.approx(s1["eval"]["loss_quant"], rel=1e-6)

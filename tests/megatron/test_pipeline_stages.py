@@ -1,4 +1,4 @@
-"""The pipeline split (pure): Megatron's layer counts, uneven splits, and errors that say what fits."""
+"""The pipeline split (pure): Megatron's layer counts, uneven splits, errors that say what fits."""
 
 import pytest
 import torch
