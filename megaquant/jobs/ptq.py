@@ -79,13 +79,25 @@ def check_pipeline_support(arch, par, job: str) -> None:
 
     pp = int(par.pp)
     split_layers(arch.num_layers, pp, par.get("pp_first_layers"), par.get("pp_last_layers"))
-    if pp > 1 and job != "PTQ":
-        raise ValueError(f"parallel.pp={pp}: pipeline parallelism is supported for PTQ and "
-                         f"export, not yet for {job}; run {job} with parallel.pp=1 "
-                         "(tensor/data/expert parallelism: parallel.tp, parallel.ep)")
+    if pp > 1 and job == "QAD":
+        raise ValueError(f"parallel.pp={pp}: pipeline parallelism is supported for PTQ, QAT and "
+                         "export, not yet for QAD (model.distill.enabled=true: the teacher is "
+                         "not staged); run QAD with parallel.pp=1 (parallel.tp, parallel.ep)")
     if pp > 1 and int(par.ep) > 1:
         raise ValueError(f"parallel.pp={pp} with parallel.ep={par.ep}: pipeline x expert "
                          "parallelism is not supported yet; use one of them")
+
+
+def staged_passes(groups, evaluate_loss, run_forward):
+    """The evaluation and calibration forwards for this layout: at parallel.pp > 1 their twins
+    that run through Megatron's pipeline schedule (megaquant/megatron/pipeline.py)."""
+    if groups.pp == 1:
+        return evaluate_loss, run_forward
+    from megaquant.megatron.pipeline import pipeline_evaluate_loss, pipeline_run_forward
+
+    return (lambda m, batches, _dp_group: pipeline_evaluate_loss(m, batches, groups),
+            lambda m, batches, _desc="forward", _dp_group=None:
+            pipeline_run_forward(m, batches, groups))
 
 
 def pipeline_stage(arch, par, groups):
@@ -149,15 +161,7 @@ def run(cfg: DictConfig) -> dict:
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     t_loaded = time.perf_counter()
 
-    if groups.pp > 1:  # through Megatron's pipeline schedule (megaquant/megatron/pipeline.py)
-        from megaquant.megatron.pipeline import pipeline_evaluate_loss, pipeline_run_forward
-
-        def evaluate_loss(m, batches, _dp_group):  # noqa: F811 - the pipelined twin
-            return pipeline_evaluate_loss(m, batches, groups)
-
-        def run_forward(m, batches, _desc, _dp_group):  # noqa: F811
-            return pipeline_run_forward(m, batches, groups)
-
+    evaluate_loss, run_forward = staged_passes(groups, evaluate_loss, run_forward)
     loss_fp = evaluate_loss(model, evals, groups.dp_group)
     t_eval_fp = time.perf_counter()
     report = megaquant.quantize(

@@ -9,6 +9,7 @@ and ``summary.json``. Resumes from ``checkpoints/latest`` when ``trainer.resume`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -124,7 +125,13 @@ def run(cfg: DictConfig) -> dict:
     """Run QAT (or QAD) as configured; returns the summary (also summary.json on rank 0)."""
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.integrations.nemo import quantize_for_training
-    from megaquant.jobs.ptq import _even_over_dp, build_model, check_pipeline_support
+    from megaquant.jobs.ptq import (
+        _even_over_dp,
+        build_model,
+        check_pipeline_support,
+        pipeline_stage,
+        staged_passes,
+    )
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.train.loop import train
     from megaquant.train.optim import build_optimizer
@@ -149,11 +156,13 @@ def run(cfg: DictConfig) -> dict:
     loaded = load_model_source(model_cfg)
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
-    check_pipeline_support(loaded.arch, par, "QAT/QAD")
+    check_pipeline_support(loaded.arch, par, "QAD" if distill.enabled else "QAT")
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
-    model = build_model(loaded, groups, "spec")
+    stage = pipeline_stage(loaded.arch, par, groups)
+    model = build_model(loaded, groups, "spec", stage)
+    evaluate_loss, run_forward = staged_passes(groups, evaluate_loss, run_forward)
     train_windows, calib, evals = _data(cfg, loaded.tokenizer, int(model_cfg["seq_length"]))
     if groups.ep > 1:  # every DP rank must run as many forwards as its EP peers (ptq.py)
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
@@ -172,11 +181,12 @@ def run(cfg: DictConfig) -> dict:
     precision = resolve_precision(trainer.precision, torch.cuda.is_available(),
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     optimizer = build_optimizer(model, optim)
-    layout = {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep, "world_size": env.world_size}
+    layout = {"tp": groups.tp, "pp": groups.pp, "dp": groups.dp, "ep": groups.ep,
+              "world_size": env.world_size}
     meta = {"recipe": None if recipe is None else recipe.get("name"),
             "recipe_config": canonical_recipe(recipe),
             "arch": dict(vars(loaded.arch)), "distill": vars(distill),
-            "parallel": {"tp": groups.tp, "dp": groups.dp, "ep": groups.ep}}
+            "parallel": {"tp": groups.tp, "pp": groups.pp, "dp": groups.dp, "ep": groups.ep}}
     start = 0
     if latest is not None:
         start = load_train_state(model, optimizer, latest, recipe_config=recipe,
@@ -185,6 +195,8 @@ def run(cfg: DictConfig) -> dict:
             log.info("resumed from %s at step %d", latest, start)
     ctx = StepContext(train_windows, batch, groups.dp_group, groups.tp_group, distill, teacher,
                       trainer.gradient_clip_val, precision).with_expert_groups(groups)
+    if groups.pp > 1:
+        ctx = dataclasses.replace(ctx, pipeline=groups)
     t_setup = time.perf_counter()
     records = train(model, optimizer, ctx, trainer=trainer, optim=optim, start_step=start,
                     save=lambda step: save_train_state(model, optimizer, ckpt_root, step=step,
