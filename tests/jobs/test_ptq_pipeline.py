@@ -85,3 +85,26 @@ def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
                        args=(tmp_path / "pp1" / "checkpoint", tmp_path / "text.txt"),
                        timeout_s=300)
     assert losses[0] == losses[1] == pytest.approx(s1["eval"]["loss_quant"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1200)
+def test_ptq_pp2_tp2_equals_pp1(tmp_path):
+    # 4 ranks: PP=2 x TP=2 on the tiny model; reference PP=1 on 2 ranks (DP=2). TP splits the
+    # matmuls (another summation order): 1e-5 relative.
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question: " * 200)
+    common = ["+recipe=nvfp4", "model=tiny", f"data.calib_text={text}", f"data.eval_text={text}",
+              "data.calib_samples=4", "data.eval_samples=5", "data.micro_batch=2"]
+    summaries = []
+    for name, nproc, extra in (("pp1", 2, []), ("pp2tp2", 4, ["parallel.pp=2", "parallel.tp=2"])):
+        res = run_script("ptq.py", [*common, f"run.output_dir={tmp_path / name}", *extra],
+                         nproc=nproc, timeout=600)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    s1, s2 = summaries
+    assert s2["parallel"] == {"tp": 2, "pp": 2, "ep": 1, "dp": 1}
+    for key in ("loss_fp", "loss_quant"):
+        assert s2["eval"][key] == pytest.approx(s1["eval"][key], rel=1e-5), key
+    assert s2["layers_quantized"] == s1["layers_quantized"]
