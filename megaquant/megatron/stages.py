@@ -136,8 +136,11 @@ def gather_report(report, layout: StageLayout, pp_group) -> None:
     import torch.distributed as dist
 
     mine = ({global_name(k, layout): v for k, v in report.enabled_quantizers.items()},
-            {global_name(k, layout): v for k, v in report.skipped.items()})
+            {global_name(k, layout): v for k, v in report.skipped.items()},
+            report.calibration.get("calibrated_quantizers", 0))
     parts: list = [None] * dist.get_world_size(pp_group)
     dist.all_gather_object(parts, mine, group=pp_group)
-    report.enabled_quantizers = {k: v for enabled, _ in parts for k, v in enabled.items()}
-    report.skipped = {k: v for _, skipped in parts for k, v in skipped.items()}
+    report.enabled_quantizers = {k: v for enabled, _, _ in parts for k, v in enabled.items()}
+    report.skipped = {k: v for _, skipped, _ in parts for k, v in skipped.items()}
+    if "calibrated_quantizers" in report.calibration:
+        report.calibration["calibrated_quantizers"] = sum(n for _, _, n in parts)

@@ -77,6 +77,7 @@ def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
         assert s2["eval"][key] == pytest.approx(s1["eval"][key], rel=1e-6), key
     assert s2["eval"]["loss_quant"] != s2["eval"]["loss_fp"]  # quantization did something
     assert s2["layers_quantized"] == s1["layers_quantized"]
+    assert s2["calibration"] == s1["calibration"]  # quantizer counts of every stage
     assert any(".layers.2." in name for name in s2["layers_quantized"])  # the last stage's
     assert s2["eval_tokens"] == s1["eval_tokens"]
     _same_tree(_export(tmp_path, "pp1"), _export(tmp_path, "pp2"))
