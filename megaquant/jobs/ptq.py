@@ -83,9 +83,9 @@ def check_pipeline_support(arch, par, job: str) -> None:
         raise ValueError(f"parallel.pp={pp}: pipeline parallelism is supported for PTQ, QAT and "
                          "export, not yet for QAD (model.distill.enabled=true: the teacher is "
                          "not staged); run QAD with parallel.pp=1 (parallel.tp, parallel.ep)")
-    if pp > 1 and int(par.ep) > 1:
+    if pp > 1 and int(par.ep) > 1 and job != "PTQ":
         raise ValueError(f"parallel.pp={pp} with parallel.ep={par.ep}: pipeline x expert "
-                         "parallelism is not supported yet; use one of them")
+                         f"parallelism is supported for PTQ, not yet for {job}; use one of them")
 
 
 def staged_passes(groups, evaluate_loss, run_forward):

@@ -91,21 +91,26 @@ def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(1200)
-def test_ptq_pp2_tp2_equals_pp1(tmp_path):
-    # 4 ranks: PP=2 x TP=2 on the tiny model; reference PP=1 on 2 ranks (DP=2). TP splits the
-    # matmuls (another summation order): 1e-5 relative.
+@pytest.mark.parametrize("model,extra", [
+    ("tiny", ["parallel.tp=2"]),      # TP splits the matmuls (another summation order)
+    ("tiny_moe", ["parallel.ep=2"]),  # experts split over 2 ranks on each stage
+], ids=["pp2xtp2", "pp2xep2"])
+def test_ptq_pp2_times_tp_or_ep_equals_pp1(tmp_path, model, extra):
+    # 4 ranks at PP=2 x (TP=2 | EP=2); reference PP=1 on 2 ranks (DP=2, or EP=2 for the MoE).
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question: " * 200)
-    common = ["+recipe=nvfp4", "model=tiny", f"data.calib_text={text}", f"data.eval_text={text}",
-              "data.calib_samples=4", "data.eval_samples=5", "data.micro_batch=2"]
+    common = ["+recipe=nvfp4", f"model={model}", f"data.calib_text={text}",
+              f"data.eval_text={text}", "data.calib_samples=4", "data.eval_samples=4",
+              "data.micro_batch=1", "run.save_checkpoint=false"]
+    ref = extra if model == "tiny_moe" else []
     summaries = []
-    for name, nproc, extra in (("pp1", 2, []), ("pp2tp2", 4, ["parallel.pp=2", "parallel.tp=2"])):
-        res = run_script("ptq.py", [*common, f"run.output_dir={tmp_path / name}", *extra],
+    for name, nproc, more in (("pp1", 2, ref), ("pp2", 4, ["parallel.pp=2", *extra])):
+        res = run_script("ptq.py", [*common, f"run.output_dir={tmp_path / name}", *more],
                          nproc=nproc, timeout=600)
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
         summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
     s1, s2 = summaries
-    assert s2["parallel"] == {"tp": 2, "pp": 2, "ep": 1, "dp": 1}
+    assert s2["parallel"]["pp"] == 2 and s2["world_size"] == 4
     for key in ("loss_fp", "loss_quant"):
         assert s2["eval"][key] == pytest.approx(s1["eval"][key], rel=1e-5), key
     assert s2["layers_quantized"] == s1["layers_quantized"]
