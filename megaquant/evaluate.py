@@ -40,8 +40,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _check_last_stage(model: torch.nn.Module) -> None:
     if not getattr(model, "post_process", True):
-        raise ValueError("evaluate_loss needs the model's output layer: pipeline parallelism "
-                         "is not supported here yet, run with parallel.pp=1")
+        raise ValueError("evaluate_loss needs the model's output layer: a pipeline stage is "
+                         "evaluated through the schedule, use "
+                         "megaquant.megatron.pipeline.pipeline_evaluate_loss")
 
 
 def _check_tokens(tokens: Tensor) -> None:

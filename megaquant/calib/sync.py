@@ -100,13 +100,17 @@ def check_finite(items: list[SyncItem], group) -> None:
     waiting in a collective. Weight quantizers collect once, from the weight itself: their
     message names the weight; the others name the calibration batch.
     """
-    bad = torch.tensor([float(i.quantizer.first_nonfinite_batch or 0) for i in items])
+    hits = [(i.name, i.role, int(i.quantizer.first_nonfinite_batch or 0)) for i in items]
+    hits = [h for h in hits if h[2] > 0]
     # group=None means the default group (the whole job), as for every torch collective.
+    # Gathered as objects, not reduced as one tensor: under pipeline parallelism each stage
+    # has its own quantizers (a different list per stage), and every rank must still raise.
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-    hits = [(i, int(b)) for i, b in zip(items, bad.tolist()) if b > 0]
-    weights = [i.name for i, _ in hits if i.role == "weight"]
-    acts = [f"{i.name} at calibration batch {b}" for i, b in hits if i.role != "weight"]
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, hits, group=group)
+        hits = sorted({h for part in parts for h in part})
+    weights = [name for name, role, _ in hits if role == "weight"]
+    acts = [f"{name} at calibration batch {b}" for name, role, b in hits if role != "weight"]
     parts = []
     if weights:
         parts.append(f"non-finite weights (NaN/inf): {_first_five(weights)}")

@@ -30,8 +30,9 @@ from megaquant.recipe import available_recipes, load_recipe
 log = logging.getLogger("megaquant.ptq")
 
 
-def build_model(loaded, groups, build: str, seed: int = 1234):
-    """The GPT model for this rank, weights loaded; its linears quantized when build='spec'.
+def build_model(loaded, groups, build: str, seed: int = 1234, stage=None):
+    """The GPT model for this rank (its pipeline ``stage``'s layers only when given), weights
+    loaded; its linears quantized when build='spec'.
 
     A random MoE model is drawn from ``seed`` in full and sharded (``jobs/random_moe.py``), so it
     is the same model at every TP/EP layout."""
@@ -41,27 +42,82 @@ def build_model(loaded, groups, build: str, seed: int = 1234):
     if build not in ("spec", "convert"):
         raise ValueError(f"run.build must be 'spec' or 'convert', got {build!r}")
     backend = get_spec_provider("local") if build == "spec" else None
-    model = build_gpt_model(loaded.arch, backend, tp_size=groups.tp, ep_size=groups.ep)
     hf_state = loaded.hf_state
     if hf_state is None and loaded.checkpoint is None and loaded.arch.num_moe_experts:
         from megaquant.jobs.random_moe import random_moe_hf_state
 
         hf_state = random_moe_hf_state(loaded.arch, seed)
+    full = None
+    if stage is not None and hf_state is None and loaded.checkpoint is None:
+        # model.source=random: initialise the whole model as PP=1 does (same RNG stream) and
+        # keep this stage's share, so a random model is the same at every pipeline size.
+        full = build_gpt_model(loaded.arch, backend, tp_size=groups.tp, ep_size=groups.ep)
+        full = {k: v for k, v in full.state_dict().items() if not k.endswith("_extra_state")}
+    model = build_gpt_model(loaded.arch, backend, tp_size=groups.tp, ep_size=groups.ep,
+                            stage=stage)
+    if full is not None:
+        from megaquant.megatron.stages import stage_state
+
+        _load_weights(model, stage_state(full, stage, loaded.arch.tie_embeddings))
     if hf_state is not None:
+        from megaquant.megatron.stages import stage_state
         from megaquant.models.mapping import hf_to_megatron
 
         state = hf_to_megatron(hf_state, loaded.arch, groups.tp_rank, groups.tp,
                                ep_rank=groups.ep_rank, ep_size=groups.ep)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"weights do not fit the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        if stage is not None:
+            state = stage_state(state, stage, loaded.arch.tie_embeddings)
+        _load_weights(model, state)
     elif loaded.checkpoint is not None:
         from megaquant.megatron.checkpoint import load_checkpoint
 
         load_checkpoint(model, loaded.checkpoint)
     return model
+
+
+def _load_weights(model, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+
+
+def check_pipeline_support(arch, par, job: str) -> None:
+    """Refuse, by name, pipeline layouts that are not supported yet (before any group exists)."""
+    from megaquant.megatron.stages import split_layers
+
+    pp = int(par.pp)
+    split_layers(arch.num_layers, pp, par.get("pp_first_layers"), par.get("pp_last_layers"))
+    if pp > 1 and job == "QAD":
+        raise ValueError(f"parallel.pp={pp}: pipeline parallelism is supported for PTQ, QAT and "
+                         "export, not yet for QAD (model.distill.enabled=true: the teacher is "
+                         "not staged); run QAD with parallel.pp=1 (parallel.tp, parallel.ep)")
+    if pp > 1 and int(par.ep) > 1 and job != "PTQ":
+        raise ValueError(f"parallel.pp={pp} with parallel.ep={par.ep}: pipeline x expert "
+                         f"parallelism is supported for PTQ, not yet for {job}; use one of them")
+
+
+def staged_passes(groups, evaluate_loss, run_forward):
+    """The evaluation and calibration forwards for this layout: at parallel.pp > 1 their twins
+    that run through Megatron's pipeline schedule (megaquant/megatron/pipeline.py)."""
+    if groups.pp == 1:
+        return evaluate_loss, run_forward
+    from megaquant.megatron.pipeline import pipeline_evaluate_loss, pipeline_run_forward
+
+    return (lambda m, batches, _dp_group: pipeline_evaluate_loss(m, batches, groups),
+            lambda m, batches, _desc="forward", _dp_group=None:
+            pipeline_run_forward(m, batches, groups))
+
+
+def pipeline_stage(arch, par, groups):
+    """This rank's pipeline stage (None at parallel.pp=1: the whole model)."""
+    from megaquant.megatron.stages import stage_layout
+
+    if groups.pp == 1:
+        return None
+    return stage_layout(arch.num_layers, groups.pp, groups.pp_rank,
+                        par.get("pp_first_layers"), par.get("pp_last_layers"))
 
 
 def _even_over_dp(batches: list, dp: int) -> list:
@@ -117,10 +173,12 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) ->
     loaded = load_model_source(OmegaConf.to_container(cfg.model, resolve=True))
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
+    check_pipeline_support(loaded.arch, par, "PTQ")
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
+    stage = pipeline_stage(loaded.arch, par, groups)
     t_setup = time.perf_counter()
-    model = build_model(loaded, groups, cfg.run.build, seed=int(cfg.run.seed))
+    model = build_model(loaded, groups, cfg.run.build, seed=int(cfg.run.seed), stage=stage)
     seq, mb = int(cfg.model.seq_length), int(cfg.data.micro_batch)
     # Calibration sees the same seq_length-token inputs as evaluation (which drops the last token).
     calib = [b[:, :-1] for b in
@@ -130,12 +188,17 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) ->
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     t_loaded = time.perf_counter()
 
+    evaluate_loss, run_forward = staged_passes(groups, evaluate_loss, run_forward)
     loss_fp = evaluate_loss(model, evals, groups.dp_group)
     t_eval_fp = time.perf_counter()
     report = megaquant.quantize(
         model, recipe, lambda m: run_forward(m, calib, "calibrate", groups.dp_group),
         dp_group=groups.dp_group,
     )
+    if stage is not None:  # names and counts of every stage, with global layer numbers
+        from megaquant.megatron.stages import gather_report
+
+        gather_report(report, stage, groups.pp_group)
     t_calib = time.perf_counter()
     loss_q = evaluate_loss(model, evals, groups.dp_group)
     t_eval_q = time.perf_counter()

@@ -37,6 +37,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    pp_first_layers: Optional[int] = None  # uneven pipeline split: layers on the first stage
+    pp_last_layers: Optional[int] = None  # ... and on the last stage (the rest split evenly)
 
 
 @dataclass

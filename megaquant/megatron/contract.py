@@ -18,8 +18,7 @@ parameter names megaquant passes, which must be among the function's parameters 
 excluded; for a class, its ``__init__``'s, or for a dataclass its fields including inherited
 ones). ``exact``: the parameters must be exactly these (a method megaquant *overrides* with this
 signature, which Megatron calls: a new parameter there would be dropped silently).
-``required=False``: recorded for later work (pipeline p2p helpers), not needed by
-megaquant today.
+``required=False``: recorded for later work, not needed by megaquant today.
 """
 
 from __future__ import annotations
@@ -70,7 +69,8 @@ CONTRACT: tuple[Use, ...] = (
         "layernorm_zero_centered_gamma", "num_moe_experts", "moe_shared_expert_intermediate_size",
         "moe_ffn_hidden_size", "moe_router_load_balancing_type", "moe_router_topk",
         "moe_grouped_gemm", "moe_aux_loss_coeff", "moe_token_dispatcher_type",
-        "moe_router_dtype")),
+        "moe_router_dtype", "pipeline_model_parallel_size", "pipeline_dtype", "batch_p2p_comm",
+        "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")),
     Use("megatron.core.transformer.transformer_layer.TransformerLayer"),
     Use("megatron.core.transformer.transformer_layer.TransformerLayerSubmodules", (
         "input_layernorm", "self_attention", "self_attn_bda", "pre_mlp_layernorm", "mlp",
@@ -211,12 +211,25 @@ CONTRACT: tuple[Use, ...] = (
     Use("megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader."
         "CachedMetadataFileSystemReader"),
     Use("megatron.core.dist_checkpointing.strategies.common.TorchCommonLoadStrategy"),
-    # --- pipeline p2p helpers (module functions up to 0.14, P2PCommunicator methods from
-    # 0.15): recorded for pipeline-parallel work, unused today
-    Use(f"{_P2P}.P2PCommunicator", ("pp_group", "config"), required=False),
-    *(Use(f"{_P2P}.P2PCommunicator.{name}", required=False) for name in (
+    # --- pipeline parallelism (megatron/pipeline.py, megatron/cpu/pipeline.py, models/gpt.py,
+    # train/pipeline_step.py): the schedule, its p2p helpers (P2PCommunicator methods from 0.15),
+    # the layer split the stages must agree with, the tied embedding across stages
+    Use("megatron.core.pipeline_parallel.get_forward_backward_func", ("pp_size",)),
+    Use("megatron.core.pipeline_parallel.schedules"),
+    Use("megatron.core.pipeline_parallel.schedules.torch"),  # swapped on CPU (cpu/pipeline.py)
+    Use("megatron.core.pipeline_parallel.schedules.forward_backward_pipelining_without_interleaving",
+        ("forward_step_func", "data_iterator", "model", "num_microbatches", "seq_length",
+         "micro_batch_size", "forward_only", "p2p_communicator", "pg_collection")),
+    Use(f"{_P2P}.P2PCommunicator", ("pp_group", "config")),
+    *(Use(f"{_P2P}.P2PCommunicator.{name}") for name in (
         "recv_forward", "recv_backward", "send_forward", "send_backward",
         "send_forward_recv_backward", "send_backward_recv_forward")),
+    Use("megatron.core.transformer.transformer_block.get_num_layers_to_build",
+        ("config", "vp_stage", "pp_rank")),
+    Use("megatron.core.models.common.language_module.language_module.LanguageModule"
+        ".shared_embedding_or_output_weight"),
+    Use("megatron.core.models.common.language_module.language_module.LanguageModule"
+        ".setup_embeddings_and_output_layer"),
 )
 
 
@@ -264,6 +277,9 @@ def _lookup(tree: _Tree, module: str, name: str, depth: int = 0):
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                found = found or (module, node)
+        elif isinstance(node, ast.Import):  # `import torch`: a module global others may swap
+            if any((a.asname or a.name) == name for a in node.names):
                 found = found or (module, node)
         elif isinstance(node, (ast.Try, ast.If)):  # `try: from x import y` / `if HAVE_TE:`
             for sub in ast.walk(node):

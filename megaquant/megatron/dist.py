@@ -265,13 +265,6 @@ def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234)
         raise RuntimeError("call megaquant.megatron.dist.init_distributed() before "
                            "init_model_parallel()")
     check_parallel_layout(dist.get_world_size(), tp, pp, ep)
-    if pp > 1:
-        # Until stages are built and run through Megatron's pipeline schedule, pp > 1 would
-        # build the whole model on every stage: refuse instead of running the wrong layout.
-        raise ValueError(
-            f"parallel.pp={pp}: pipeline parallelism is not supported yet (every stage would "
-            "build and run the whole model); use parallel.pp=1 with tensor/data/expert "
-            "parallelism (parallel.tp, parallel.ep) instead")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

@@ -22,6 +22,7 @@ CUDA-only) and weights are initialised on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megaquant.megatron.cpu.device import enable_cpu_runtime
 from megaquant.megatron.cpu.norm import TorchNorm
+from megaquant.megatron.cpu.pipeline import cpu_tied_embedding_stand_in
 from megaquant.megatron.cpu.spec import CPUSpecProvider, for_this_machine
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -352,14 +354,16 @@ def gpt_layer_spec(backend: BackendSpecProvider, core_attention: Optional[type] 
 
 
 def gpt_block_spec(cfg: GPTConfig, backend: BackendSpecProvider,
-                   core_attention: Optional[type] = None) -> TransformerBlockSubmodules:
-    """All decoder layers plus the final norm, which must come from the same backend."""
+                   core_attention: Optional[type] = None,
+                   num_layers: Optional[int] = None) -> TransformerBlockSubmodules:
+    """All decoder layers (or a pipeline stage's ``num_layers``) plus the final norm, which
+    must come from the same backend."""
     backend = for_this_machine(backend)
     layer = gpt_layer_spec(backend, core_attention, normalization=cfg.normalization,
                            num_experts=cfg.num_moe_experts,
                            shared_experts=cfg.moe_shared_expert_intermediate_size is not None,
                            qk_layernorm=cfg.qk_layernorm)
-    return TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers,
+    return TransformerBlockSubmodules(layer_specs=[layer] * (num_layers or cfg.num_layers),
                                       layer_norm=backend_norm(backend, cfg.normalization))
 
 
@@ -367,8 +371,13 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
                     pre_process: bool = True, post_process: bool = True,
                     tp_size: Optional[int] = None, sequence_parallel: bool = False,
                     pg_collection=None, core_attention: Optional[type] = None,
-                    ep_size: Optional[int] = None) -> GPTModel:
+                    ep_size: Optional[int] = None, stage=None) -> GPTModel:
     """Build the ``GPTModel`` for ``cfg`` with linears from ``backend`` (default: Megatron local).
+
+    ``stage`` (a ``megaquant.megatron.stages.StageLayout``) builds one pipeline stage: its
+    layers only, the embedding on the first stage, norm/output/loss on the last (it overrides
+    ``pre_process``/``post_process``). Megatron reads the stage's rank from its global
+    pipeline group, which ``init_model_parallel`` set up.
 
     ``tp_size`` defaults to the size of ``pg_collection.tp`` or, when no collection is given,
     of Megatron's global TP group (set by ``megaquant.megatron.dist.init_model_parallel``);
@@ -388,11 +397,42 @@ def build_gpt_model(cfg: GPTConfig, backend: Optional[BackendSpecProvider] = Non
             tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if ep_size is None:
         ep_size = _group_size(pg_collection, "ep") if cfg.is_moe else 1
+    overrides = {}
+    if stage is not None and stage.pp > 1:
+        pre_process, post_process = stage.pre_process, stage.post_process
+        overrides = _pipeline_overrides(cfg, stage)
     config = cfg.to_transformer_config(tp_size, sequence_parallel=sequence_parallel,
-                                       ep_size=ep_size)
+                                       ep_size=ep_size, **overrides)
+    tied_stage = cfg.tie_embeddings and bool(overrides)
+    with cpu_tied_embedding_stand_in() if tied_stage else contextlib.nullcontext():
+        model = _gpt_model(cfg, config, gpt_block_spec(cfg, backend, core_attention,
+                                                       stage.num_layers if stage else None),
+                           pre_process, post_process, pg_collection)
+    if stage is not None and model.decoder.layers[0].layer_number != stage.first_layer + 1:
+        raise RuntimeError(f"Megatron numbers pipeline stage {stage.pp_rank}'s first layer "
+                           f"{model.decoder.layers[0].layer_number}, megaquant expected "
+                           f"{stage.first_layer + 1}")
+    return model
+
+
+def _pipeline_overrides(cfg: GPTConfig, stage) -> dict[str, Any]:
+    """TransformerConfig fields of a pipeline stage (an uneven split as Megatron spells it)."""
+    if sum(stage.sizes) != cfg.num_layers:
+        raise ValueError(f"pipeline stages of {list(stage.sizes)} layers do not add up to the "
+                         f"{cfg.num_layers} layers of {cfg.name}")
+    out: dict[str, Any] = dict(pipeline_model_parallel_size=stage.pp,
+                               pipeline_dtype=_DTYPES[cfg.params_dtype],
+                               batch_p2p_comm=False)  # gloo has no coalesced p2p
+    if len(set(stage.sizes)) > 1:
+        out.update(num_layers_in_first_pipeline_stage=stage.sizes[0],
+                   num_layers_in_last_pipeline_stage=stage.sizes[-1])
+    return out
+
+
+def _gpt_model(cfg, config, block_spec, pre_process, post_process, pg_collection):
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(cfg, backend, core_attention),
+        transformer_layer_spec=block_spec,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,

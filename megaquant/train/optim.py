@@ -142,10 +142,15 @@ def _sum_over(x: torch.Tensor, *groups) -> torch.Tensor:
     return x
 
 
-def grad_norm(model: nn.Module, tp_group, *, expert_tp_group=None, ep_group=None) -> float:
-    """Global L2 norm of the gradients, each parameter counted once (rule 3, module docstring)."""
-    params = _trainable(model)
-    device = params[0].device
+def grad_norm(model: nn.Module, tp_group, *, expert_tp_group=None, ep_group=None,
+              pp_group=None) -> float:
+    """Global L2 norm of the gradients, each parameter counted once (rule 3, module docstring).
+
+    Pipeline parallelism: each stage's sum is added over ``pp_group``; the last stage's copy of
+    a tied embedding (Megatron marks it ``shared``) is left to the first stage's.
+    """
+    params = [p for p in _trainable(model) if not getattr(p, "shared", False)]
+    device = next(model.parameters()).device
     dense = [p for p in params if not is_expert_parallel(p)]
     expert = [p for p in params if is_expert_parallel(p)]
     sq = _sum_over(_local_squares(dense, tp_group).to(device), tp_group)
@@ -153,13 +158,14 @@ def grad_norm(model: nn.Module, tp_group, *, expert_tp_group=None, ep_group=None
         etp = _require(expert_tp_group, "expert_tp_group", "the grad norm")
         esq = _local_squares(expert, etp).to(device)
         sq = sq + _sum_over(esq, etp, _require(ep_group, "ep_group", "the grad norm"))
-    return sq.sqrt().item()
+    return _sum_over(sq, pp_group).sqrt().item()
 
 
 def clip_gradients(model: nn.Module, max_norm: float, tp_group, *, expert_tp_group=None,
-                   ep_group=None) -> float:
+                   ep_group=None, pp_group=None) -> float:
     """Scale grads so their global norm is at most ``max_norm`` (0: no clipping); returns it."""
-    norm = grad_norm(model, tp_group, expert_tp_group=expert_tp_group, ep_group=ep_group)
+    norm = grad_norm(model, tp_group, expert_tp_group=expert_tp_group, ep_group=ep_group,
+                     pp_group=pp_group)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in model.parameters():

@@ -48,6 +48,9 @@ class StepContext:
     expert_dp_group: object = None
     expert_tp_group: object = None
     ep_group: object = None
+    # Pipeline parallelism (PP > 1): the job's ParallelGroups; steps run through Megatron's
+    # schedule (megaquant/train/pipeline_step.py). None: the whole model is on this rank.
+    pipeline: object = None
 
     def with_expert_groups(self, groups) -> "StepContext":
         """This context with the expert groups of ``groups`` (a ``ParallelGroups``)."""
@@ -106,6 +109,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr
     mine = micro_batches(ctx.windows, step, ctx.batch, dp_rank, dp)
     seq = ctx.windows.shape[1] - 1
     n_tokens = ctx.batch.global_batch_size * seq
+    if ctx.pipeline is not None:
+        from megaquant.train.pipeline_step import pipeline_train_step
+
+        return pipeline_train_step(model, optimizer, mine, n_tokens, lr, ctx,
+                                   lambda dev: _autocast(ctx.precision, dev))
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=device)

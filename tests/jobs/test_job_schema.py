@@ -36,7 +36,8 @@ def test_job_schema_refuses_added_unknown_keys(override, key, valid):
 def test_job_schema_accepts_the_shipped_configs_and_free_form_recipes():
     cfg = _compose("ptq", ["+recipe=nvfp4", "model=tiny_moe", "parallel.ep=2", *OUT])
     values = validate(cfg, "ptq")
-    assert values["parallel"] == {"tp": 1, "pp": 1, "ep": 2} and values["run"]["overwrite"] is True
+    assert values["parallel"] == {"tp": 1, "pp": 1, "ep": 2, "pp_first_layers": None,
+                                  "pp_last_layers": None} and values["run"]["overwrite"] is True
     assert load_recipe(values["recipe"]).name == "nvfp4"
     # The recipe group is free-form for Hydra; megaquant's recipe parser refuses its typos.
     cfg = _compose("ptq", ["+recipe=fp8", "+recipe.rules.0.weight.blocksize=3", *OUT])
