@@ -69,9 +69,8 @@ def _family_fields(family: str, arch) -> dict:
     topk = {"num_experts_per_tok": arch.moe_router_topk}
     expert_ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
     if family in ("llama", "mistral"):
-        if family == "llama":
-            return {"attention_bias": False, "mlp_bias": False}
-        return {"sliding_window": None}
+        return ({"attention_bias": False, "mlp_bias": False} if family == "llama"
+                else {"sliding_window": None})
     if family == "qwen2":
         return window
     if family == "qwen3":

@@ -122,8 +122,8 @@ def ct_weight(sd: dict, module: str, group: dict, shape) -> torch.Tensor:
         assert args["group_size"] == 32, args
         s = _per_block(decode_e8m0(sd[f"{module}.weight_scale"]), shape[-1])
         if args["num_bits"] == 4:
-            packed = sd[f"{module}.weight_packed"]
-            return decode_e2m1(unpack_low_nibble_first(packed, shape[-1])) * s
+            return decode_e2m1(unpack_low_nibble_first(sd[f"{module}.weight_packed"],
+                                                       shape[-1])) * s
         return decode_e4m3(sd[f"{module}.weight"]) * s
     if args["type"] == "int" and args["num_bits"] == 8:
         return sd[f"{module}.weight"].to(torch.int64).float() * sd[f"{module}.weight_scale"].float()
