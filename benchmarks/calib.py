@@ -83,7 +83,8 @@ def main() -> None:
     groups = init_model_parallel(args.tp)
     arch_d, hf_state, tok = load_smollm2()
     arch = GPTConfig.from_dict({**arch_d, "seq_length": args.seq, "name": "SmolLM2-135M"})
-    calib = [t[None, :-1] for t in token_batches(default_calib_text(), tok, args.calib_samples, args.seq)]
+    calib = [t[None, :-1]
+             for t in token_batches(default_calib_text(), tok, args.calib_samples, args.seq)]
     evals = list(token_batches(default_eval_text(), tok, args.eval_samples, args.seq).split(1))
     loop = lambda m: run_forward(m, calib, "calib", groups.dp_group)  # noqa: E731
 
@@ -97,7 +98,8 @@ def main() -> None:
         ppl = math.exp(evaluate_loss(model, evals, groups.dp_group))
         rows.append((recipe, algo, ppl, ppl / base, t_q))
         if _rank0():
-            print(f"{recipe} {algo}: ppl {ppl:.3f} (x{ppl / base:.3f}), quantize {t_q:.1f} s", flush=True)
+            print(f"{recipe} {algo}: ppl {ppl:.3f} (x{ppl / base:.3f}), quantize {t_q:.1f} s",
+                  flush=True)
     if _rank0():
         report(args, rows)
 

@@ -45,7 +45,8 @@ def median_ms(fn, runs: int, warmup: int = 2) -> float:
 
 
 def paired_ms(fn, ref, runs: int) -> tuple[float, float]:
-    """Medians of ``fn`` and ``ref`` timed alternately, so load drift on a shared machine hits both."""
+    """Medians of ``fn`` and ``ref`` timed alternately, so load drift on a shared machine hits
+    both."""
     fn(), ref()
     a, b = [], []
     for _ in range(runs):
@@ -97,8 +98,10 @@ def main() -> None:
                          ("bit-exact" if same else "MISMATCH") if kernel == "compiled" else ""))
     lines = ["| format | mode | kernel | ms | GB/s (input) | x clone | compiled == eager |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]} |" for r in rows]
-    lines.append("\n'x clone' = median clone time / median fake-quant time, the two timed alternately "
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]} |"
+              for r in rows]
+    lines.append("\n'x clone' = median clone time / median fake-quant time, the two timed "
+                 "alternately "
                  "in the same loop (the first row is a plain clone median for reference).")
     table = "\n".join(lines)
     print(table)
@@ -106,9 +109,11 @@ def main() -> None:
           f"{_load(os.getloadavg())} at the end")
     if not args.no_append:
         header = (f"\n## formats fake-quant, [{args.size}, {args.size}] float32 — "
-                  f"{datetime.datetime.now(datetime.timezone.utc).strftime('%a %b %d %H:%M:%S UTC %Y')}\n\n"
-                  f"machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
-                  f"threads {torch.get_num_threads()}, median of {args.runs} (eager {args.eager_runs}) "
+                  f"{datetime.datetime.now(datetime.timezone.utc):%a %b %d %H:%M:%S UTC %Y}\n\n"
+                  f"machine: {platform.machine()}, nproc {os.cpu_count()}, "
+                  f"torch {torch.__version__}, "
+                  f"threads {torch.get_num_threads()}, median of {args.runs} "
+                  f"(eager {args.eager_runs}) "
                   f"after 2 warm-up runs; load average (1/5/15 min) {_load(load_before)} at "
                   f"the start, {_load(os.getloadavg())} at the end (2 cores: above ~2 the "
                   "machine is shared and absolute times are inflated; compare ratios within "

@@ -85,7 +85,8 @@ def main() -> None:
     groups = init_model_parallel(1)
     arch_d, hf_state, tok = load_smollm2()
     arch = GPTConfig.from_dict({**arch_d, "seq_length": args.seq, "name": "SmolLM2-135M"})
-    calib = [t[None, :-1] for t in token_batches(default_calib_text(), tok, args.calib_samples, args.seq)]
+    calib = [t[None, :-1]
+             for t in token_batches(default_calib_text(), tok, args.calib_samples, args.seq)]
     evals = list(token_batches(default_eval_text(), tok, args.eval_samples, args.seq).split(1))
 
     t_off, t_cal = calibration_overhead(arch, hf_state, calib[0], args.repeats)

@@ -157,7 +157,8 @@ def _table(args, rows) -> str:
             f"{args.layers} layers, random weights, seq {args.seq}, 1 sequence per step, fp32, "
             f"AdamW; median of {args.steps} steps after 1 warm-up; each mode in a fresh process",
             "", "| recipe | quantizers | off s/step | s/step | time ratio (<= 1.5) | "
-            "off peak MiB | peak MiB | memory ratio (<= 1.15) |", "|---|---|---|---|---|---|---|---|"]
+            "off peak MiB | peak MiB | memory ratio (<= 1.15) |",
+            "|---|---|---|---|---|---|---|---|"]
     foot = ["", "`on`: megaquant as shipped (the fake-quantized weight is recomputed in backward, "
             "not saved). `keep-copy`: the recompute hook disabled, for comparison. `lsq`/"
             "`lsq-block`: learnable global (and per-block weight) scales. Peak memory: "

@@ -38,7 +38,8 @@ def read_text(path: str | Path, *, config_key: str = "data.calib_text / data.eva
 
 
 def token_batches(path: str | Path, tokenizer, num_samples: int, seq_len: int, *,
-                  offset: int = 0, config_key: str = "data.calib_text / data.eval_text") -> torch.Tensor:
+                  offset: int = 0,
+                  config_key: str = "data.calib_text / data.eval_text") -> torch.Tensor:
     """``num_samples`` contiguous, non-overlapping windows of ``seq_len + 1`` tokens, as a
     LongTensor [num_samples, seq_len + 1], starting ``offset`` tokens into the tokenized file.
 

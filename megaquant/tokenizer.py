@@ -73,7 +73,8 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     types = metadata.get("tokenizer.ggml.token_type") or []
     specials = [tokens[i] for i, t in enumerate(types) if t == _CONTROL]
-    tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False)
+                            for s in specials])
     assert tok.get_vocab_size(with_added_tokens=True) == len(tokens), "special tokens changed ids"
     return Tokenizer(tok, bos_id=_opt_int(metadata.get("tokenizer.ggml.bos_token_id")),
                      eos_id=_opt_int(metadata.get("tokenizer.ggml.eos_token_id")))

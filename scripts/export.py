@@ -1,7 +1,8 @@
 """Export a megaquant PTQ checkpoint to deployable Hugging Face-style directories.
 
     python scripts/export.py checkpoint=outputs/ptq/nvfp4/checkpoint output_dir=outputs/export/nvfp4
-    python scripts/export.py checkpoint=... output_dir=... layouts=[compressed-tensors] overwrite=true
+    python scripts/export.py checkpoint=... output_dir=... layouts=[compressed-tensors] \\
+        overwrite=true
 
 Writes <output_dir>/modelopt/ and/or <output_dir>/compressed-tensors/ (config.json with a
 quantization_config, *.safetensors with real quantized weights, tokenizer.json) and

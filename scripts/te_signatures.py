@@ -65,7 +65,8 @@ def read_wheel(path: Path) -> dict | None:
     with zipfile.ZipFile(path) as zf, tempfile.TemporaryDirectory() as tmp:
         wanted = [
             n for n in zf.namelist()
-            if n.startswith("transformer_engine/pytorch/module/") or n.endswith(".dist-info/METADATA")
+            if n.startswith("transformer_engine/pytorch/module/")
+            or n.endswith(".dist-info/METADATA")
         ]
         if not any(n.endswith("module/linear.py") for n in wanted):
             return None

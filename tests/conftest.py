@@ -1,9 +1,10 @@
-"""Shared fixtures. Megatron needs torch.distributed and model-parallel state even for one process."""
+"""Shared fixtures. Megatron needs torch.distributed and model-parallel state even for one
+process."""
 
 import os
 
 import pytest
-import torch
+import torch  # noqa: F401 -- loaded before OMP_NUM_THREADS is set below, as it always was
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,8 @@ def shard_state_dict(model, full_state, tp_rank: int, tp: int) -> None:
     """Copy ``full_state`` (TP=1 names and shapes) into ``model``'s TP shards, in place."""
     own = model.state_dict()
     for name, shard in own.items():
-        if not isinstance(shard, torch.Tensor) or name.endswith("_extra_state") or name not in full_state:
+        if (not isinstance(shard, torch.Tensor) or name.endswith("_extra_state")
+                or name not in full_state):
             continue
         full = full_state[name]
         if full.shape == shard.shape:

@@ -115,7 +115,8 @@ def _download(package: str, version: str, sdist: bool) -> Path:
             ) from exc
         files = list(tmp.iterdir())
         if len(files) != 1:
-            raise RuntimeError(f"pip downloaded {[f.name for f in files]} for {package}=={version}, "
+            raise RuntimeError(f"pip downloaded {[f.name for f in files]} "
+                               f"for {package}=={version}, "
                                "expected exactly one archive")
         final = kind_dir / files[0].name
         os.replace(files[0], final)

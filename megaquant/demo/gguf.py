@@ -131,7 +131,8 @@ def _dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
 
 
-def read_gguf(path: str | Path, *, unpermute_qk: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_gguf(path: str | Path, *,
+              unpermute_qk: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a LLaMA GGUF: (metadata dict, HF-LLaMA-named float32 state dict).
 
     ``lm_head.weight`` is present only when the file has a separate output matrix (untied).

@@ -1,4 +1,5 @@
-"""vLLM's compressed-tensors layout: ``config.json: quantization_config.quant_method=compressed-tensors``.
+"""vLLM's compressed-tensors layout:
+``config.json: quantization_config.quant_method=compressed-tensors``.
 
 Read by vLLM, SGLang, transformers and the ``compressed-tensors`` library (0.20 tested). One
 config group targets every ``Linear`` except ``ignore``; per quantized HF linear ``m``:
@@ -7,9 +8,10 @@ config group targets every ``Linear`` except ``ignore``; per quantized HF linear
 scheme            format                  tensors
 ================  ======================  ========================================================
 nvfp4(_w4a16)     nvfp4-pack-quantized    ``weight_packed`` uint8 [out, in/2] (E2M1, low nibble =
-                                          even element), ``weight_scale`` float8_e4m3fn [out, in/16],
-                                          ``weight_global_scale`` float32 [1] = **1/g**,
-                                          ``input_global_scale`` float32 [1] = 1/g_act (W4A4 only);
+                                          even element), ``weight_scale`` float8_e4m3fn
+                                          [out, in/16], ``weight_global_scale`` float32 [1] =
+                                          **1/g**, ``input_global_scale`` float32 [1] = 1/g_act
+                                          (W4A4 only);
                                           value = code * (weight_scale / weight_global_scale)
 fp8(_per_channel) float-quantized         ``weight`` float8_e4m3fn, ``weight_scale`` float32 [1] or
                                           [out, 1], ``input_scale`` float32 [1]

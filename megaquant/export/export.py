@@ -1,4 +1,5 @@
-"""Export a quantized Megatron GPT model to Hugging Face-style directories with real low-bit weights.
+"""Export a quantized Megatron GPT model to Hugging Face-style directories with real low-bit
+weights.
 
 Pipeline (one process, the model at TP=1 and EP=1; :func:`export_checkpoint` loads a PTQ
 checkpoint saved at any TP x EP layout into such a model, Megatron's dist-ckpt gathering the TP
@@ -77,7 +78,8 @@ class ExportReport:
 
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
-                 f"{v['quantized_bits_per_param']:.3f} in quantized linears" for k, v in self.layouts.items()]
+                 f"{v['quantized_bits_per_param']:.3f} in quantized linears"
+                 for k, v in self.layouts.items()]
         notes = ([f"online block Hadamard on {len(self.online_transforms)} modules"]
                  if self.online_transforms else [])
         return (f"{self.family} scheme {self.scheme}, unquantized tensors in {self.dtype}; "
@@ -122,7 +124,8 @@ def _activation_scale(iq) -> Tensor | None:
 
 def _layer_scheme(name, layer):
     return classify(name, getattr(layer, "weight_quantizer", None),
-                    getattr(layer, "input_quantizer", None), getattr(layer, "output_quantizer", None))
+                    getattr(layer, "input_quantizer", None),
+                    getattr(layer, "output_quantizer", None))
 
 
 def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
@@ -217,8 +220,9 @@ def _check_whole_blocks(scheme: str, layers) -> None:
               "use a format without blocks, or a model whose input dimensions are multiples of 16")
     where = "; ".join(f"{k} ({v[0]}{f' and {len(v) - 1} more' if len(v) > 1 else ''})"
                       for k, v in ragged.items())
-    raise ValueError(f"{scheme} with blocks of {block} cannot be exported: input dimension(s) {where} "
-                     f"are not a multiple of the block size {block}, and serving engines need whole "
+    raise ValueError(f"{scheme} with blocks of {block} cannot be exported: input dimension(s) "
+                     f"{where} are not a multiple of the block size {block}, and serving engines "
+                     f"need whole "
                      f"blocks along the input dimension (a ragged tail block is not written). "
                      f"To export, {remedy}. Nothing was written.")
 
@@ -244,7 +248,8 @@ def check_claims(tensors: dict, quantized: list[L.QuantLinear], excluded: list[s
     for name in excluded:
         t = tensors.get(f"{name}.weight")
         if t is not None and t.dtype != out_dtype:
-            raise RuntimeError(f"excluded {name}.weight is {t.dtype}, not the export dtype {out_dtype}")
+            raise RuntimeError(f"excluded {name}.weight is {t.dtype}, "
+                               f"not the export dtype {out_dtype}")
 
 
 def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
@@ -258,7 +263,8 @@ def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
 
 
 def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str], dict]:
-    """('auto' or a list) -> (layouts to write, {layout: why not}); refuses an unwritable request."""
+    """('auto' or a list) -> (layouts to write, {layout: why not}); refuses an unwritable
+    request."""
     asked = list(L.LAYOUTS) if layouts in ("auto", None) else list(layouts)
     for lay in asked:
         L.supports(lay, scheme)  # ValueError for an unknown layout name
@@ -347,7 +353,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     report = ExportReport(scheme, sorted(q.name for q in quantized), excluded, params, qparams,
                           skipped_layouts=skipped, tokenizer=tokenizer is not None,
                           dtype=dtype_name(out_dtype),
-                          family=hf_config(arch, torch_dtype=dtype_name(out_dtype))["architectures"][0],
+                          family=hf_config(arch,
+                                           torch_dtype=dtype_name(out_dtype))["architectures"][0],
                           lm_head=_lm_head_note(arch, quantized, scheme, dtype_name(out_dtype),
                                                 untied),
                           engine_files=sorted(Path(f).name for f in engine_files),
@@ -393,8 +400,9 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, **kwargs) -> ExportReport:
     """Export a megaquant PTQ checkpoint (``<ptq out>/checkpoint``) saved at any TP/EP layout.
 
-    Loads it into a model built at TP=1 (and EP=1 for MoE) in this process (Megatron's parallel state must be set
-    up for one rank: ``init_distributed(); init_model_parallel(1)``), then :func:`export_model`.
+    Loads it into a model built at TP=1 (and EP=1 for MoE) in this process (Megatron's parallel
+    state must be set up for one rank: ``init_distributed(); init_model_parallel(1)``), then
+    :func:`export_model`.
     The architecture and recipe come from the checkpoint's ``megaquant.json``.
     """
     from megaquant.megatron.checkpoint import read_metadata

@@ -37,10 +37,11 @@ def export_family(arch) -> str:
     """The family an export of ``arch`` is written as; ValueError when its math does not fit."""
     family = getattr(arch, "hf_family", None) or ("qwen2_moe" if arch.num_moe_experts else "llama")
     if family not in FAMILIES:
-        raise ValueError(f"{arch.name}: hf_family {family!r} has no exporter; known: {sorted(FAMILIES)}")
+        raise ValueError(f"{arch.name}: hf_family {family!r} has no exporter; "
+                         f"known: {sorted(FAMILIES)}")
     if arch.normalization != "RMSNorm" or not arch.gated_linear_unit or arch.add_bias_linear:
-        raise ValueError(f"{arch.name}: only LLaMA-style models (RMSNorm, SwiGLU, no linear biases) "
-                         f"are exported; this one has normalization={arch.normalization}, "
+        raise ValueError(f"{arch.name}: only LLaMA-style models (RMSNorm, SwiGLU, no linear "
+                         f"biases) are exported; this one has normalization={arch.normalization}, "
                          f"gated_linear_unit={arch.gated_linear_unit}, "
                          f"add_bias_linear={arch.add_bias_linear}")
     _, bias, qk_norm, moe = FAMILIES[family]
@@ -63,24 +64,27 @@ def _rope(arch) -> dict:
 
 
 def _family_fields(family: str, arch) -> dict:
-    window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": arch.num_layers}
+    window = {"use_sliding_window": False, "sliding_window": None,
+              "max_window_layers": arch.num_layers}
     topk = {"num_experts_per_tok": arch.moe_router_topk}
     expert_ffn = arch.moe_ffn_hidden_size or arch.ffn_hidden_size
     if family in ("llama", "mistral"):
-        return {"attention_bias": False, "mlp_bias": False} if family == "llama" else {"sliding_window": None}
+        return ({"attention_bias": False, "mlp_bias": False} if family == "llama"
+                else {"sliding_window": None})
     if family == "qwen2":
         return window
     if family == "qwen3":
         return {"attention_bias": False, **window}
     if family == "qwen3_moe":
         return {"attention_bias": False, **window, "num_experts": arch.num_moe_experts, **topk,
-                "moe_intermediate_size": expert_ffn, "norm_topk_prob": not arch.moe_router_pre_softmax,
+                "moe_intermediate_size": expert_ffn,
+                "norm_topk_prob": not arch.moe_router_pre_softmax,
                 "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False,
                 "router_aux_loss_coef": 0.0}
     if family == "mixtral":
         if arch.moe_router_pre_softmax or arch.moe_shared_expert_intermediate_size:
-            raise ValueError(f"{arch.name}: Mixtral routes by softmax over the top-k logits without "
-                             "shared experts; this model has moe_router_pre_softmax="
+            raise ValueError(f"{arch.name}: Mixtral routes by softmax over the top-k logits "
+                             "without shared experts; this model has moe_router_pre_softmax="
                              f"{arch.moe_router_pre_softmax}, shared experts "
                              f"{arch.moe_shared_expert_intermediate_size}")
         return {"num_local_experts": arch.num_moe_experts, **topk, "intermediate_size": expert_ffn,

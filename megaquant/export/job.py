@@ -1,4 +1,5 @@
-"""The export job behind ``scripts/export.py``: one process, a PTQ checkpoint in, HF directories out.
+"""The export job behind ``scripts/export.py``: one process, a PTQ checkpoint in, HF directories
+out.
 
 The checkpoint may have been saved at any TP/EP layout: it is loaded at TP=1, EP=1 here (Megatron's
 distributed checkpoint gathers the shards), so the export does not depend on how PTQ was run.
@@ -31,7 +32,8 @@ class ExportConfig:
     overwrite: bool = False
     max_shard_bytes: int = 5 * 1024**3
     tokenizer: str = "auto"
-    dtype: str = "auto"  # unquantized tensors: auto (source training dtype) | bfloat16 | float16 | float32
+    # unquantized tensors: auto (source training dtype) | bfloat16 | float16 | float32
+    dtype: str = "auto"
     timeout_s: float = 600.0
 
     @classmethod
@@ -81,7 +83,8 @@ def run(cfg: ExportConfig):
     resolve_dtype(str(cfg.dtype), "float32")  # fail fast on a bad dtype name
     tokenizer = resolve_tokenizer(cfg.tokenizer, meta.get("arch", {}).get("name", ""),
                                   meta.get("tokenizer"))
-    source = cfg.tokenizer if cfg.tokenizer not in ("auto", "none", "smollm2") else meta.get("tokenizer")
+    source = (cfg.tokenizer if cfg.tokenizer not in ("auto", "none", "smollm2")
+              else meta.get("tokenizer"))
     engine_files = [Path(source) / f for f in ENGINE_FILES
                     if tokenizer is not None and source and (Path(source) / f).is_file()]
     init_distributed(timeout_s=float(cfg.timeout_s))

@@ -49,7 +49,8 @@ class QuantLinear:
 
     name: str  # HF module name, e.g. model.layers.0.self_attn.q_proj
     weight: QuantizedTensor
-    input_scale: Tensor | None  # float32 scalar decode scale (FP8/INT8: amax/qmax, NVFP4: g), or None
+    # float32 scalar decode scale (FP8/INT8: amax/qmax, NVFP4: g), or None
+    input_scale: Tensor | None
     block_size: int | None = None
     input_format: QuantFormat | None = None  # the input quantizer's format (None: unquantized)
 

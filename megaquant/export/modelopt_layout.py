@@ -1,4 +1,5 @@
-"""ModelOpt's unified Hugging Face checkpoint: ``hf_quant_config.json`` + ``quant_method: modelopt``.
+"""ModelOpt's unified Hugging Face checkpoint: ``hf_quant_config.json`` +
+``quant_method: modelopt``.
 
 Read by TensorRT-LLM, vLLM (``modelopt``/``modelopt_fp4``) and SGLang. Names, encodings and
 ``quant_algo`` strings follow what ModelOpt 0.47's own HF export writes for the same quantizers
@@ -8,9 +9,10 @@ Read by TensorRT-LLM, vLLM (``modelopt``/``modelopt_fp4``) and SGLang. Names, en
 ==============  ====================  =============================================================
 scheme          quant_algo            tensors
 ==============  ====================  =============================================================
-nvfp4           NVFP4 (group 16)      ``weight`` uint8 [out, in/2] (E2M1, low nibble = even element),
-                                      ``weight_scale`` float8_e4m3fn [out, in/16], ``weight_scale_2``
-                                      float32 [] (g = amax/(6*448)), ``input_scale`` float32 [];
+nvfp4           NVFP4 (group 16)      ``weight`` uint8 [out, in/2] (E2M1, low nibble = even
+                                      element), ``weight_scale`` float8_e4m3fn [out, in/16],
+                                      ``weight_scale_2`` float32 [] (g = amax/(6*448)),
+                                      ``input_scale`` float32 [];
                                       value = (code * weight_scale) * weight_scale_2
 nvfp4_w4a16     W4A16_NVFP4 (16)      as nvfp4 without ``input_scale``
 fp8             FP8                   ``weight`` float8_e4m3fn, ``weight_scale`` / ``input_scale``

@@ -44,7 +44,8 @@ def check_moe_model(model: torch.nn.Module, arch) -> None:
         ep_group = getattr(m, "ep_group", None)
         if hasattr(m, "local_experts") and ep_group is not None and dist.is_initialized() \
                 and dist.get_world_size(ep_group) > 1:
-            raise ValueError(f"{name} is split over {dist.get_world_size(ep_group)} expert-parallel "
+            raise ValueError(f"{name} is split over {dist.get_world_size(ep_group)} "
+                             "expert-parallel "
                              "ranks: export a model built at EP=1 (export_checkpoint loads a "
                              "checkpoint saved at any EP/TP layout at EP=1, TP=1)")
         if name.endswith("shared_experts") and not getattr(m, "use_shared_expert_gate", True):

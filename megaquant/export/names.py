@@ -3,7 +3,8 @@
 The exporter quantizes *after* un-fusing, on the Hugging Face tensors, so every per-channel or
 per-block scale follows the rows of the tensor a serving engine loads. This is exact:
 
-* a fused QKV weight's rows map one to one onto q/k/v rows (:func:`megaquant.models.mapping.split_qkv`),
+* a fused QKV weight's rows map one to one onto q/k/v rows
+  (:func:`megaquant.models.mapping.split_qkv`),
   and SwiGLU's fc1 rows are ``[gate; up]``: splitting rows moves whole rows;
 * block scales (NVFP4 16, INT4 128) run along the input (last) dimension, which is never split;
 * per-channel scales (axis 0) are split with the same row map as the weight (:func:`split_rows`);
@@ -57,12 +58,14 @@ LAYER_MAP: tuple[HFTarget, ...] = (
     # routed experts (EP): E is the global expert index; block and projection names
     # come from the family (MoENames)
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc1",
-             ("model.layers.{n}.{block}.experts.{e}.{gate}", "model.layers.{n}.{block}.experts.{e}.{up}"),
+             ("model.layers.{n}.{block}.experts.{e}.{gate}",
+              "model.layers.{n}.{block}.experts.{e}.{up}"),
              "halves"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.experts\.local_experts\.(?P<e>\d+)\.linear_fc2",
              ("model.layers.{n}.{block}.experts.{e}.{down}",), "none"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.shared_experts\.linear_fc1",
-             ("model.layers.{n}.mlp.shared_expert.gate_proj", "model.layers.{n}.mlp.shared_expert.up_proj"),
+             ("model.layers.{n}.mlp.shared_expert.gate_proj",
+              "model.layers.{n}.mlp.shared_expert.up_proj"),
              "halves"),
     HFTarget(r"decoder\.layers\.(?P<n>\d+)\.mlp\.shared_experts\.linear_fc2",
              ("model.layers.{n}.mlp.shared_expert.down_proj",), "none"),
@@ -79,7 +82,8 @@ def _names(arch) -> MoENames:
 def router_names(arch) -> list[str]:
     """HF module names of the routers of an MoE ``arch`` (none for a dense model)."""
     block = _names(arch).block
-    return [ROUTER.format(n=n, block=block) for n in range(arch.num_layers)] if arch.num_moe_experts else []
+    return ([ROUTER.format(n=n, block=block) for n in range(arch.num_layers)]
+            if arch.num_moe_experts else [])
 
 
 def expert_prefix(arch, n, e) -> str:
@@ -124,5 +128,5 @@ def split_rows(t: Tensor, split: str, arch) -> tuple[Tensor, ...]:
     return tuple(p.contiguous() for p in row_splitter(split, arch)(t))
 
 
-__all__ = ["HFTarget", "LAYER_MAP", "EXPERT", "ROUTER", "expert_prefix", "hf_targets", "router_names",
-           "split_rows", "row_splitter"]
+__all__ = ["HFTarget", "LAYER_MAP", "EXPERT", "ROUTER", "expert_prefix", "hf_targets",
+           "router_names", "split_rows", "row_splitter"]

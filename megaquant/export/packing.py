@@ -6,8 +6,8 @@
   the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}, which is what megaquant's NVFP4 ``quantize``
   returns, so no re-encoding is needed.
 * **INT4 in int32** (compressed-tensors ``pack-quantized``): signed codes in [-8, 7] are offset by
-  +8 to unsigned nibbles and packed eight per int32 word along the last dimension, element ``8j + i``
-  in bits ``4i .. 4i + 3`` (the first element in the lowest bits).
+  +8 to unsigned nibbles and packed eight per int32 word along the last dimension, element
+  ``8j + i`` in bits ``4i .. 4i + 3`` (the first element in the lowest bits).
 
 Odd or ragged last dimensions are zero-padded to a whole byte/word; the writer records the
 unpacked shape (``weight_shape``), so readers drop the padding again.
@@ -69,7 +69,8 @@ def pack_int4_rows_uint8(codes: Tensor) -> Tensor:
     nibble, each code as a two's-complement nibble (``code & 0xF``, no offset).
     """
     if codes.dtype != torch.int8 or codes.dim() != 2:
-        raise TypeError(f"pack_int4_rows_uint8 takes 2-D int8 codes, got {codes.dtype} {tuple(codes.shape)}")
+        raise TypeError(f"pack_int4_rows_uint8 takes 2-D int8 codes, "
+                        f"got {codes.dtype} {tuple(codes.shape)}")
     if codes.shape[0] % 2:
         raise ValueError(f"INT4 packing along the output dimension needs an even number of rows, "
                          f"got {codes.shape[0]}")

@@ -85,9 +85,11 @@ def classify(layer_name: str, weight_q, input_q, output_q) -> str:
     if scheme is None:
         raise ValueError(
             f"layer {layer_name}: weight {_describe(weight_q)}, input {_describe(input_q)}, output "
-            f"{_describe(output_q)} is not an exportable scheme; the exporter writes {list(SCHEMES)} "
+            f"{_describe(output_q)} is not an exportable scheme; the exporter writes "
+            f"{list(SCHEMES)} "
             "(see megaquant/export/schemes.py; output quantizers, dynamic activation amax, E5M2, "
-            f"MX blocks other than {MX_BLOCK} and weight-only INT8/FP8/MX have no layout). Quantize "
+            f"MX blocks other than {MX_BLOCK} and weight-only INT8/FP8/MX have no layout). "
+            "Quantize "
             "with a built-in recipe (nvfp4*, fp8, fp8_per_channel, int8*, mxfp8, mxfp4*, "
             "int4_w4a16, int4_awq), or exclude the layer."
         )

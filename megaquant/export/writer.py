@@ -103,7 +103,8 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
             if isinstance(e, OSError):
                 raise
             raise OSError(f"writing {directory / fname} failed: {e}") from e
-        os.chmod(directory / fname, 0o644)  # safetensors creates 0600 files; servers may run as another user
+        # safetensors creates 0600 files; servers may run as another user
+        os.chmod(directory / fname, 0o644)
         weight_map.update({k: fname for k in members})
     if n > 1:
         total = sum(_nbytes(t) for t in tensors.values())

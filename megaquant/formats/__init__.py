@@ -8,14 +8,14 @@ Layouts and rounding rules: ``docs/formats.md``. This package never imports torc
 
 from __future__ import annotations
 
-from megaquant.formats.base import QuantFormat, QuantizedTensor
+from megaquant.formats.base import QuantFormat, QuantizedTensor, field_names
 from megaquant.formats.fp8 import FP8
 from megaquant.formats.integer import INT4, INT8
 from megaquant.formats.mx import MXFP4, MXFP8
 from megaquant.formats.nvfp4 import NVFP4
-from megaquant.formats.base import field_names
 
-FORMATS: dict[str, type[QuantFormat]] = {cls.name: cls for cls in (FP8, NVFP4, MXFP8, MXFP4, INT8, INT4)}
+FORMATS: dict[str, type[QuantFormat]] = {cls.name: cls
+                                         for cls in (FP8, NVFP4, MXFP8, MXFP4, INT8, INT4)}
 
 
 def get_format(name: str, **options) -> QuantFormat:

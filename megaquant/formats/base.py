@@ -58,7 +58,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None, None, None
+        return torch.where(keep, grad,
+                           torch.zeros((), dtype=grad.dtype, device=grad.device)), None, None, None
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ def check_choice(fmt: QuantFormat, field: str, value, choices) -> None:
     """ValueError naming the valid choices when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(
-            f"{type(fmt).__name__}: {field}={value!r} is not valid; choose one of {sorted(choices, key=str)}."
+            f"{type(fmt).__name__}: {field}={value!r} is not valid; "
+            f"choose one of {sorted(choices, key=str)}."
         )
 
 

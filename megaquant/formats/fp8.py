@@ -15,8 +15,14 @@ import torch
 from torch import Tensor
 
 from megaquant.formats import constants as C
-from megaquant.formats.base import (PerAxisAmax, QuantFormat, QuantizedTensor, check_axis,
-                                    check_choice, check_input)
+from megaquant.formats.base import (
+    PerAxisAmax,
+    QuantFormat,
+    QuantizedTensor,
+    check_axis,
+    check_choice,
+    check_input,
+)
 from megaquant.formats.rounding import (
     amax_per_axis,
     keep_mask,

@@ -19,8 +19,14 @@ from torch import Tensor
 
 from megaquant.formats import constants as C
 from megaquant.formats import fused
-from megaquant.formats.base import (PerAxisAmax, QuantFormat, QuantizedTensor, check_axis,
-                                    check_block_size, check_input)
+from megaquant.formats.base import (
+    PerAxisAmax,
+    QuantFormat,
+    QuantizedTensor,
+    check_axis,
+    check_block_size,
+    check_input,
+)
 from megaquant.formats.rounding import (
     amax_per_axis,
     block_amax,
@@ -41,7 +47,8 @@ def _int_codes(x32: Tensor, amax: Tensor, qmax: int):
 
 
 def _int_values(codes: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    """code * scale, NaN at the marker code. The int32 round trip makes zeros +0, as in dequantize."""
+    """code * scale, NaN at the marker code. The int32 round trip makes zeros +0, as in
+    dequantize."""
     vals = codes.to(torch.int32).to(torch.float32) * scale
     return torch.where(codes == -(qmax + 1), torch.full_like(vals, float("nan")), vals)
 
@@ -95,7 +102,8 @@ class INT8(PerAxisAmax, QuantFormat):
 
 @dataclass(frozen=True)
 class INT4(QuantFormat):
-    """Symmetric blockwise INT4, codes in [-7, 7] (stored unpacked in int8), float32 block scales."""
+    """Symmetric blockwise INT4, codes in [-7, 7] (stored unpacked in int8), float32 block
+    scales."""
 
     block_size: int = C.INT4_BLOCK_SIZE
 

@@ -29,6 +29,7 @@ from megaquant.formats.base import (
     check_choice,
     check_input,
 )
+from megaquant.formats.nvfp4 import e2m1_decode, e2m1_encode
 from megaquant.formats.rounding import (
     block_amax,
     from_blocks,
@@ -36,7 +37,6 @@ from megaquant.formats.rounding import (
     round_minifloat,
     to_blocks,
 )
-from megaquant.formats.nvfp4 import e2m1_decode, e2m1_encode
 
 SCALE_RULES = ("ocp", "round_up")
 
@@ -66,7 +66,8 @@ def e8m0_to_float(e: Tensor, finite: Tensor) -> Tensor:
     return torch.where(finite, pow2, torch.full_like(pow2, float("nan")))
 
 
-def _mx_values(xb: Tensor, round_up: bool, mant_bits: int, emin: int, emax_elem: int, elem_max: float):
+def _mx_values(xb: Tensor, round_up: bool, mant_bits: int, emin: int, emax_elem: int,
+               elem_max: float):
     """(element values q, exponent e, float scale, finite-block mask, scaled input y)."""
     bamax = block_amax(xb)
     finite = torch.isfinite(bamax)

@@ -160,5 +160,6 @@ def recipe_dict(recipe: dict | str) -> dict:
     from megaquant.recipe import RECIPE_DIR, load_recipe
 
     load_recipe(recipe)  # validates the name, with the list of valid ones on error
-    path = Path(recipe) if str(recipe).endswith((".yaml", ".yml")) else RECIPE_DIR / f"{recipe}.yaml"
+    path = (Path(recipe) if str(recipe).endswith((".yaml", ".yml"))
+            else RECIPE_DIR / f"{recipe}.yaml")
     return yaml.safe_load(path.read_text())

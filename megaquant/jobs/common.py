@@ -90,7 +90,8 @@ def load_model_source(model_cfg: dict) -> LoadedModel:
     meta = read_metadata(path).get("metadata", {})
     if "arch" not in meta:
         raise ValueError(f"{path} records no model architecture ('arch' in megaquant.json): "
-                         "only checkpoints written by megaquant jobs can be used as model.source=megatron")
+                         "only checkpoints written by megaquant jobs can be used as "
+                         "model.source=megatron")
     arch = GPTConfig.from_dict({**meta["arch"], "seq_length": seq})
     source = meta.get("tokenizer", "bytes")
     return LoadedModel(arch, None, tokenizer_from_source(source), path, source)
@@ -132,7 +133,8 @@ def resolve_text(path: str | None, default: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         key = "data.calib_text" if "calib" in default else "data.eval_text"
-        raise ValueError(f"{key}={path!r}: no such file; give a UTF-8 text file or null for the default")
+        raise ValueError(f"{key}={path!r}: no such file; give a UTF-8 text file or null for the "
+                         "default")
     return p
 
 

@@ -256,7 +256,8 @@ def render_report(s: dict) -> str:
         f"dp={s['parallel']['dp']} (world {s['world_size']}, {s['device']})",
         f"- layers quantized: {len(s['layers_quantized'])} ({s['quantizers_enabled']} quantizers); "
         f"skipped: {', '.join(f'{k} ({v})' for k, v in s['layers_skipped'].items()) or 'none'}",
-        f"- calibration tokens: {s['calibration']['tokens']}; evaluation tokens: {s['eval_tokens']}",
+        f"- calibration tokens: {s['calibration']['tokens']}; "
+        f"evaluation tokens: {s['eval_tokens']}",
         "",
         "| | loss | perplexity |",
         "|---|---|---|",

@@ -177,8 +177,8 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
     check_pipeline_support(loaded.arch, par, "QAD" if distill.enabled else "QAT")
     if int(par.pp) > 1 and scales.enabled:
         # the scale-gradient rules are written for TP/EP; under PP they are untested
-        raise ValueError(f"parallel.pp={par.pp} with model.learnable_scales.enabled=true: learnable "
-                         "scales are not supported under pipeline parallelism yet; use "
+        raise ValueError(f"parallel.pp={par.pp} with model.learnable_scales.enabled=true: "
+                         "learnable scales are not supported under pipeline parallelism yet; use "
                          "parallel.pp=1 (parallel.tp, parallel.ep) or fixed scales")
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))

@@ -120,7 +120,8 @@ class ExportJob:
     layouts: Any = "auto"  # "auto" or a list of layout names
     overwrite: bool = False
     max_shard_bytes: int = 5 * 1024**3
-    dtype: str = "auto"  # unquantized tensors: auto (the source's dtype) | bfloat16 | float16 | float32
+    # unquantized tensors: auto (the source's dtype) | bfloat16 | float16 | float32
+    dtype: str = "auto"
     tokenizer: str = "auto"
     timeout_s: float = 600.0
 

@@ -1,4 +1,5 @@
-"""Make the processes Megatron forks to write checkpoint shards die with the process that forked them.
+"""Make the processes Megatron forks to write checkpoint shards die with the process that forked
+them.
 
 megatron-core's ``FileSystemWriterAsync.write_preloaded_data_multiproc`` forks one writer per
 bucket (``mp.get_context("fork")``). Killed mid-save, the parent leaves those writers running:

@@ -125,10 +125,12 @@ class GPTConfig:
                              f"of num_query_groups {self.num_query_groups}")
         if self.num_moe_experts is not None:
             self._check_moe()
-        if self.max_position_embeddings is not None and self.seq_length > self.max_position_embeddings:
+        if (self.max_position_embeddings is not None
+                and self.seq_length > self.max_position_embeddings):
             raise ValueError(f"{self.name}: model.seq_length={self.seq_length} exceeds the model's "
-                             f"max_position_embeddings={self.max_position_embeddings} (config.json); "
-                             f"positions beyond it were never trained. Set model.seq_length <= "
+                             f"max_position_embeddings={self.max_position_embeddings} "
+                             f"(config.json); positions beyond it were never trained. "
+                             f"Set model.seq_length <= "
                              f"{self.max_position_embeddings}")
         if self.rope_scaling is not None:
             from megaquant.models.rope import RopeScaling
@@ -458,7 +460,8 @@ def install_rope_scaling(model: GPTModel, cfg: GPTConfig) -> None:
 
     rope = model.rotary_pos_emb
     rope.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rotary_base,
-                                  RopeScaling.from_dict(cfg.rope_scaling), device=rope.inv_freq.device)
+                                  RopeScaling.from_dict(cfg.rope_scaling),
+                                  device=rope.inv_freq.device)
     rope.forward.cache_clear()
 
 

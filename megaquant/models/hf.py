@@ -28,7 +28,8 @@ def _read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a Hugging Face model directory "
-                                "(config.json + *.safetensors), e.g. from model.save_pretrained(dir)")
+                                "(config.json + *.safetensors), e.g. from "
+                                "model.save_pretrained(dir)")
     return json.loads(path.read_text())
 
 
@@ -67,12 +68,14 @@ def _check_tensors(directory: Path, cfg: dict, where: dict[str, str]) -> None:
                          "config does not describe these weights")
     extra = sorted(set(where) - set(shapes) - optional)
     if extra:
-        raise ValueError(f"{directory}: tensors {extra[:3]} (in {where[extra[0]]}) have no place in "
-                         f"the {cfg['hf_family']} model config.json describes; megaquant will not "
-                         "drop weights silently (an unsupported feature such as biases or a tower?)")
+        raise ValueError(f"{directory}: tensors {extra[:3]} (in {where[extra[0]]}) have no place "
+                         f"in the {cfg['hf_family']} model config.json describes; megaquant will "
+                         "not drop weights silently (an unsupported feature such as biases or a "
+                         "tower?)")
 
 
-def read_hf_model(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+def read_hf_model(directory: str | Path, *,
+                  dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """(config dict with GPTConfig field names, HF-named state dict in ``dtype``).
 
     A tied checkpoint may still carry ``lm_head.weight``; it is dropped so that "tied" always means
@@ -87,7 +90,8 @@ def read_hf_model(directory: str | Path, *, dtype: torch.dtype = torch.float32) 
     where: dict[str, str] = {}
     for f in _weight_files(directory):
         for name, t in load_file(str(f)).items():
-            if name.endswith(_IGNORED_SUFFIXES) or (cfg["tie_embeddings"] and name == "lm_head.weight"):
+            if name.endswith(_IGNORED_SUFFIXES) or (cfg["tie_embeddings"]
+                                                    and name == "lm_head.weight"):
                 continue
             if name in shapes and tuple(t.shape) != shapes[name]:
                 raise ValueError(f"{f}: tensor {name} has shape {tuple(t.shape)}, but config.json "

@@ -166,7 +166,8 @@ def gpt_fields_from_hf(hf: dict, where: str = "config.json") -> dict[str, Any]:
         "normalization": "RMSNorm",
         "gated_linear_unit": True,
         "add_bias_linear": False,
-        "add_qkv_bias": family == "qwen2" or (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
+        "add_qkv_bias": (family == "qwen2"
+                         or (family == "qwen2_moe" and bool(hf.get("qkv_bias", True)))),
         "qk_layernorm": family in ("qwen3", "qwen3_moe"),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "hf_family": family,

@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA weights <-> Megatron-Core GPTModel weights, one tensor-parallel rank at a time.
+"""Hugging Face LLaMA weights <-> Megatron-Core GPTModel weights, one tensor-parallel rank at a
+time.
 
 Names are those of ``GPTModel`` built with ``get_gpt_layer_local_spec()`` (megatron-core 0.16.1):
 
@@ -20,11 +21,14 @@ output_layer.weight (untied only)           lm_head.weight                  rows
 
 MoE layers (``num_moe_experts`` set; Qwen2/Qwen3-MoE names, Mixtral's in brackets: its block
 is ``block_sparse_moe`` and its projections ``w1`` (gate), ``w3`` (up), ``w2`` (down)). Local
-expert ``L`` of expert-parallel rank ``r`` of ``ep`` is global expert ``E = r * num_experts/ep + L``::
+expert ``L`` of expert-parallel rank ``r`` of ``ep`` is global expert
+``E = r * num_experts/ep + L``::
 
     decoder.layers.N.mlp.router.weight                          ...N.mlp.gate.weight  replicated
-    decoder.layers.N.mlp.experts.local_experts.L.linear_fc{1,2} ...N.mlp.experts.E.{gate,up,down}_proj
-    decoder.layers.N.mlp.shared_experts.linear_fc{1,2}          ...N.mlp.shared_expert.{gate,up,down}_proj
+    decoder.layers.N.mlp.experts.local_experts.L.linear_fc{1,2}
+        ...N.mlp.experts.E.{gate,up,down}_proj
+    decoder.layers.N.mlp.shared_experts.linear_fc{1,2}
+        ...N.mlp.shared_expert.{gate,up,down}_proj
     decoder.layers.N.mlp.shared_experts.gate_weight (if gated)  ...N.mlp.shared_expert_gate.weight
 
 Expert (and shared-expert) linears split over (expert-)TP exactly like the dense MLP: fc1 holds
@@ -89,8 +93,10 @@ def _dims(cfg) -> dict:
     hidden = _get(cfg, "hidden_size")
     head_dim = _get(cfg, "kv_channels") or hidden // heads
     if heads % groups:
-        raise ValueError(f"num_attention_heads={heads} must be a multiple of num_query_groups={groups}")
-    return {"layers": _get(cfg, "num_layers"), "heads": heads, "groups": groups, "head_dim": head_dim,
+        raise ValueError(f"num_attention_heads={heads} must be a multiple of "
+                         f"num_query_groups={groups}")
+    return {"layers": _get(cfg, "num_layers"), "heads": heads, "groups": groups,
+            "head_dim": head_dim,
             "hidden": hidden, "ffn": _get(cfg, "ffn_hidden_size"), "vocab": _get(cfg, "vocab_size"),
             "tied": bool(_get(cfg, "tie_embeddings", True)),
             "experts": _get(cfg, "num_moe_experts"),
@@ -104,7 +110,8 @@ def _dims(cfg) -> dict:
 
 def _check_tp(d: dict, tp_size: int, vocab_rows: int) -> None:
     if d["groups"] % tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} must divide num_query_groups={d['groups']} "
+        raise ValueError(f"tensor-parallel size {tp_size} must divide "
+                         f"num_query_groups={d['groups']} "
                          "(Megatron shards whole KV groups); pick a divisor of it")
     if d["ffn"] % tp_size:
         raise ValueError(f"tensor-parallel size {tp_size} must divide ffn_hidden_size={d['ffn']}")
@@ -150,7 +157,8 @@ def _shard(w: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 def _attention_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, size: int) -> dict:
     """One layer's attention (``src`` = ``model.layers.N.``) for TP rank ``rank`` of ``size``."""
     qkv = [hf[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"]
-    out = {dst + "self_attention.linear_qkv.weight": _shard(fuse_qkv(*qkv, d["groups"]), 0, rank, size),
+    out = {dst + "self_attention.linear_qkv.weight":
+               _shard(fuse_qkv(*qkv, d["groups"]), 0, rank, size),
            dst + "self_attention.linear_proj.weight":
                _shard(hf[src + "self_attn.o_proj.weight"], 1, rank, size)}
     if d["qkv_bias"]:
@@ -158,11 +166,13 @@ def _attention_to_megatron(hf: dict, src: str, dst: str, d: dict, rank: int, siz
         out[dst + "self_attention.linear_qkv.bias"] = _shard(bias, 0, rank, size)
     if d["qk_norm"]:
         for p in "qk":
-            out[f"{dst}self_attention.{p}_layernorm.weight"] = hf[f"{src}self_attn.{p}_norm.weight"].clone()
+            out[f"{dst}self_attention.{p}_layernorm.weight"] = \
+                hf[f"{src}self_attn.{p}_norm.weight"].clone()
     return out
 
 
-def _layer_to_megatron(hf: dict, n: int, d: dict, rank: int, size: int, ep: tuple[int, int]) -> dict:
+def _layer_to_megatron(hf: dict, n: int, d: dict, rank: int, size: int,
+                       ep: tuple[int, int]) -> dict:
     src, dst = _HF_LAYER.format(n=n), _LAYER.format(n=n)
     out = {
         dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"].clone(),
@@ -178,7 +188,8 @@ def _swiglu_to_megatron(hf: dict, src: str, dst: str, rank: int, size: int,
                         names: MoENames = MoENames()) -> dict:
     """One HF SwiGLU MLP (``src`` + gate/up/down) -> Megatron fc1/fc2 (``dst``) of one TP rank."""
     gate, up = hf[f"{src}{names.gate}.weight"], hf[f"{src}{names.up}.weight"]
-    return {dst + "linear_fc1.weight": torch.cat([_shard(gate, 0, rank, size), _shard(up, 0, rank, size)]),
+    return {dst + "linear_fc1.weight": torch.cat([_shard(gate, 0, rank, size),
+                                                  _shard(up, 0, rank, size)]),
             dst + "linear_fc2.weight": _shard(hf[f"{src}{names.down}.weight"], 1, rank, size)}
 
 
@@ -194,14 +205,16 @@ def _moe_to_megatron(hf: dict, layer: str, dst: str, d: dict, rank: int, size: i
         out.update(_swiglu_to_megatron(hf, f"{src}experts.{e}.", f"{dst}experts.local_experts.{i}.",
                                        rank, size, names))
     if d["shared_expert"]:
-        out.update(_swiglu_to_megatron(hf, src + "shared_expert.", dst + "shared_experts.", rank, size))
+        out.update(_swiglu_to_megatron(hf, src + "shared_expert.", dst + "shared_experts.",
+                                       rank, size))
         if src + "shared_expert_gate.weight" in hf:
             out[dst + "shared_experts.gate_weight"] = hf[src + "shared_expert_gate.weight"].clone()
     return out
 
 
 def hf_to_megatron(hf_state: dict, cfg, tp_rank: int, tp_size: int, *,
-                   padded_vocab_size: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> dict:
+                   padded_vocab_size: int | None = None, ep_rank: int = 0,
+                   ep_size: int = 1) -> dict:
     """The Megatron-Core GPTModel (local spec) state dict of TP rank ``tp_rank`` of ``tp_size``
     (and, for MoE, expert-parallel rank ``ep_rank`` of ``ep_size``: its experts only).
 
@@ -227,7 +240,8 @@ def hf_to_megatron(hf_state: dict, cfg, tp_rank: int, tp_size: int, *,
         out.update(_layer_to_megatron(hf_state, n, d, tp_rank, tp_size, (ep_rank, ep_size)))
     out["decoder.final_layernorm.weight"] = hf_state["model.norm.weight"].clone()
     if not d["tied"]:
-        out["output_layer.weight"] = _shard(_pad_rows(hf_state["lm_head.weight"], rows), 0, tp_rank, tp_size)
+        out["output_layer.weight"] = _shard(_pad_rows(hf_state["lm_head.weight"], rows), 0,
+                                            tp_rank, tp_size)
     return out
 
 
@@ -239,14 +253,18 @@ def hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
     for n in range(d["layers"]):
         p = _HF_LAYER.format(n=n)
         a = p + "self_attn."
-        shapes.update({a + "q_proj.weight": (d["heads"] * hd, h), a + "k_proj.weight": (d["groups"] * hd, h),
-                       a + "v_proj.weight": (d["groups"] * hd, h), a + "o_proj.weight": (h, d["heads"] * hd)})
+        shapes.update({a + "q_proj.weight": (d["heads"] * hd, h),
+                       a + "k_proj.weight": (d["groups"] * hd, h),
+                       a + "v_proj.weight": (d["groups"] * hd, h),
+                       a + "o_proj.weight": (h, d["heads"] * hd)})
         if d["qkv_bias"]:
-            shapes.update({a + "q_proj.bias": (d["heads"] * hd,), a + "k_proj.bias": (d["groups"] * hd,),
+            shapes.update({a + "q_proj.bias": (d["heads"] * hd,),
+                           a + "k_proj.bias": (d["groups"] * hd,),
                            a + "v_proj.bias": (d["groups"] * hd,)})
         if d["qk_norm"]:
             shapes.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        shapes.update({p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
         shapes.update(_mlp_shapes(p, d))
     shapes["model.norm.weight"] = (h,)
     if not d["tied"]:
@@ -291,16 +309,20 @@ def _layer_to_hf(states: list[dict], n: int, d: dict) -> dict:
         a + "q_proj.weight": torch.cat([t[0] for t in qkv]),
         a + "k_proj.weight": torch.cat([t[1] for t in qkv]),
         a + "v_proj.weight": torch.cat([t[2] for t in qkv]),
-        a + "o_proj.weight": torch.cat([s[src + "self_attention.linear_proj.weight"] for s in states], 1),
+        a + "o_proj.weight":
+            torch.cat([s[src + "self_attention.linear_proj.weight"] for s in states], 1),
         dst + "input_layernorm.weight": states[0][src + "input_layernorm.weight"].clone(),
-        dst + "post_attention_layernorm.weight": states[0][src + "pre_mlp_layernorm.weight"].clone(),
+        dst + "post_attention_layernorm.weight":
+            states[0][src + "pre_mlp_layernorm.weight"].clone(),
     }
     if d["qkv_bias"]:
         biases = [split_qkv(s[src + "self_attention.linear_qkv.bias"], local_groups, d["head_dim"])
                   for s in states]
-        out.update({f"{a}{p}_proj.bias": torch.cat([b[i] for b in biases]) for i, p in enumerate("qkv")})
+        out.update({f"{a}{p}_proj.bias": torch.cat([b[i] for b in biases])
+                    for i, p in enumerate("qkv")})
     if d["qk_norm"]:
-        out.update({f"{a}{p}_norm.weight": states[0][f"{src}self_attention.{p}_layernorm.weight"].clone()
+        out.update({f"{a}{p}_norm.weight":
+                    states[0][f"{src}self_attention.{p}_layernorm.weight"].clone()
                     for p in "qk"})
     if d["experts"]:
         return {**out, **_moe_to_hf(states, src + "mlp.", dst, d)}
@@ -312,7 +334,8 @@ def _swiglu_to_hf(states: list[dict], src: str, dst: str, names: MoENames = MoEN
     fc1 = [s[src + "linear_fc1.weight"].chunk(2, dim=0) for s in states]
     return {f"{dst}{names.gate}.weight": torch.cat([g for g, _ in fc1]),
             f"{dst}{names.up}.weight": torch.cat([u for _, u in fc1]),
-            f"{dst}{names.down}.weight": torch.cat([s[src + "linear_fc2.weight"] for s in states], 1)}
+            f"{dst}{names.down}.weight":
+                torch.cat([s[src + "linear_fc2.weight"] for s in states], 1)}
 
 
 def _moe_to_hf(states: list[dict], src: str, layer: str, d: dict) -> dict:
@@ -320,13 +343,15 @@ def _moe_to_hf(states: list[dict], src: str, layer: str, d: dict) -> dict:
     missing = [e for e in range(d["experts"])
                if f"{src}experts.local_experts.{e}.linear_fc1.weight" not in states[0]]
     if missing:
-        raise KeyError(f"{src}experts lacks experts {missing} of {d['experts']}: pass the states of a "
+        raise KeyError(f"{src}experts lacks experts {missing} of {d['experts']}: pass the states "
+                       "of a "
                        "model at expert parallel 1 (export_checkpoint loads any EP layout at EP=1)")
     names = d["moe"]
     dst = f"{layer}{names.block}."
     out = {dst + "gate.weight": states[0][src + "router.weight"].clone()}
     for e in range(d["experts"]):
-        out.update(_swiglu_to_hf(states, f"{src}experts.local_experts.{e}.", f"{dst}experts.{e}.", names))
+        out.update(_swiglu_to_hf(states, f"{src}experts.local_experts.{e}.", f"{dst}experts.{e}.",
+                                 names))
     if d["shared_expert"]:
         out.update(_swiglu_to_hf(states, src + "shared_experts.", dst + "shared_expert."))
         gate = states[0].get(src + "shared_experts.gate_weight")
@@ -343,14 +368,17 @@ def megatron_to_hf(per_rank_states: list[dict], cfg) -> dict:
     if not per_rank_states:
         raise ValueError("per_rank_states is empty: pass one state dict per TP rank, in rank order")
     d = _dims(cfg)
-    _check_tp(d, len(per_rank_states), per_rank_states[0]["embedding.word_embeddings.weight"].shape[0]
+    _check_tp(d, len(per_rank_states),
+              per_rank_states[0]["embedding.word_embeddings.weight"].shape[0]
               * len(per_rank_states))
     vocab = d["vocab"]
     hf = {"model.embed_tokens.weight":
-          torch.cat([s["embedding.word_embeddings.weight"] for s in per_rank_states])[:vocab].clone()}
+          torch.cat([s["embedding.word_embeddings.weight"] for s in per_rank_states])[:vocab]
+          .clone()}
     for n in range(d["layers"]):
         hf.update(_layer_to_hf(per_rank_states, n, d))
     hf["model.norm.weight"] = per_rank_states[0]["decoder.final_layernorm.weight"].clone()
     if not d["tied"]:
-        hf["lm_head.weight"] = torch.cat([s["output_layer.weight"] for s in per_rank_states])[:vocab].clone()
+        hf["lm_head.weight"] = torch.cat([s["output_layer.weight"]
+                                          for s in per_rank_states])[:vocab].clone()
     return hf

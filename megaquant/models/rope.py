@@ -51,14 +51,16 @@ class RopeScaling:
         if not self.factor > 0:
             raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
         if self.rope_type == "llama3":
-            need = {"low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor,
+            need = {"low_freq_factor": self.low_freq_factor,
+                    "high_freq_factor": self.high_freq_factor,
                     "original_max_position_embeddings": self.original_max_position_embeddings}
             missing = [k for k, v in need.items() if v is None]
             if missing:
                 raise ValueError(f"llama3 rope scaling needs {missing}")
             if not self.high_freq_factor > self.low_freq_factor:
                 raise ValueError(f"llama3 rope scaling needs high_freq_factor "
-                                 f"({self.high_freq_factor}) > low_freq_factor ({self.low_freq_factor})")
+                                 f"({self.high_freq_factor}) > low_freq_factor "
+                                 f"({self.low_freq_factor})")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RopeScaling":

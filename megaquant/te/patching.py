@@ -37,7 +37,8 @@ def patched(namespace: ModuleType | Any, name: str, replacement: Any) -> Iterato
     patch when nested (so patches compose instead of silently dropping each other).
     """
     if not hasattr(namespace, name):
-        raise AttributeError(f"{getattr(namespace, '__name__', namespace)!r} has no {name!r} to patch")
+        raise AttributeError(f"{getattr(namespace, '__name__', namespace)!r} "
+                             f"has no {name!r} to patch")
     key = (id(namespace), name)
     previous = getattr(namespace, name)
     original, depth = _ACTIVE.get(key, (previous, 0))

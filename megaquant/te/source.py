@@ -103,11 +103,13 @@ def _compiled_guards(tree: ast.Module, target: TETarget) -> list[str]:
     layer = _find_class(tree, target.layer)
     if layer is None:
         return []
-    fwd = next((n for n in layer.body if isinstance(n, ast.FunctionDef) and n.name == "forward"), None)
+    fwd = next((n for n in layer.body
+                if isinstance(n, ast.FunctionDef) and n.name == "forward"), None)
     guards = []
     for node in ast.walk(fwd) if fwd else []:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id.startswith("use_compiled") and not isinstance(node.value, ast.Constant):
+            if (node.targets[0].id.startswith("use_compiled")
+                    and not isinstance(node.value, ast.Constant)):
                 guards.append(ast.unparse(node.value))
     return guards
 

@@ -19,7 +19,8 @@ DECAYS = ("cosine", "linear", "constant")
 
 @dataclass(frozen=True)
 class SchedConfig:
-    """``model.optim.sched``: linear warm-up to ``lr``, then decay to ``min_lr`` at the last step."""
+    """``model.optim.sched``: linear warm-up to ``lr``, then decay to ``min_lr`` at the last
+    step."""
 
     warmup_steps: int = 0
     min_lr: float = 0.0
@@ -27,7 +28,8 @@ class SchedConfig:
 
     def __post_init__(self):
         if self.warmup_steps < 0:
-            raise ValueError(f"model.optim.sched.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"model.optim.sched.warmup_steps must be >= 0, "
+                             f"got {self.warmup_steps}")
         if self.decay not in DECAYS:
             raise ValueError(f"model.optim.sched.decay must be one of {DECAYS}, got {self.decay!r}")
 

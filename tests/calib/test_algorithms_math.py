@@ -36,7 +36,8 @@ def test_smoothquant_scale_keeps_product_and_lowers_w8a8_error():
     act, wt = get_format("int8"), get_format("int8", axis=0)
 
     def w8a8_err(xx, ww):
-        yq = act.fake_quantize(xx, act.compute_amax(xx)) @ wt.fake_quantize(ww, wt.compute_amax(ww)).t()
+        yq = (act.fake_quantize(xx, act.compute_amax(xx))
+              @ wt.fake_quantize(ww, wt.compute_amax(ww)).t())
         return float(((yq.double() - (x @ w.t()).double()) ** 2).sum())
 
     assert w8a8_err(xs, ws) < 0.5 * w8a8_err(x, w)
@@ -51,7 +52,8 @@ def test_smoothquant_scale_matches_formula_and_guards_dead_channels():
 
 
 @pytest.mark.parametrize("fmt", [get_format("nvfp4"), get_format("int4", block_size=32),
-                                 get_format("mxfp4"), get_format("fp8"), get_format("int8", axis=0)])
+                                 get_format("mxfp4"), get_format("fp8"),
+                                 get_format("int8", axis=0)])
 def test_mse_never_loses_to_max_on_weight_error(fmt):
     _, w = _data(1)
     w[3, 5] = 1.5  # one large weight stretches its block / row / tensor
@@ -72,7 +74,8 @@ def test_awq_objective_is_the_output_error():
     x, w = _data(2)
     d = torch.randn_like(w) * 1e-3
     h = (x.t() @ x).float()
-    torch.testing.assert_close(float(awq.output_error(d, h)), _out_err(x, w + d, w), rtol=1e-4, atol=0)
+    torch.testing.assert_close(float(awq.output_error(d, h)), _out_err(x, w + d, w),
+                               rtol=1e-4, atol=0)
 
 
 def _rtn(fmt, w):

@@ -11,9 +11,10 @@ TP=1, for RTN as well).
 Compared with TP=1: every unsharded amax and the norm weights that carry the folded scales
 (rtol 1e-5: the same numbers up to float32 reduction order; GPTQ's downstream activation amax
 1e-3, see INPUT_RTOL), block 0's QKV weight bit-exactly, then the evaluation loss with rtol 2e-4
-(GPTQ: 5e-3, see LOSS_RTOL). The loss is looser because the cut model is confidently wrong (loss ~19) and quantized:
-TP=3 sums row-parallel outputs in another order (~1e-7 relative), which flips the rounding of
-the few activations that sit on a quantization boundary; measured 7e-5 relative for int8_sq.
+(GPTQ: 5e-3, see LOSS_RTOL). The loss is looser because the cut model is confidently wrong
+(loss ~19) and quantized: TP=3 sums row-parallel outputs in another order (~1e-7 relative),
+which flips the rounding of the few activations that sit on a quantization boundary; measured
+7e-5 relative for int8_sq.
 """
 
 import pytest
@@ -21,7 +22,8 @@ import torch
 
 from tests.distributed_utils import run_ranks
 
-INT4_64 = {"name": "int4_64", "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 64}}],
+INT4_64 = {"name": "int4_64",
+           "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 64}}],
            "exclude": ["*output_layer*"], "calib": "awq"}
 RECIPES = {"int8_sq": "int8_sq", "int4_awq": INT4_64, "nvfp4_gptq": "nvfp4_gptq"}
 # rtol of activation amax downstream of the first block: GPTQ rounds greedily, so a float32
@@ -46,7 +48,8 @@ def _run(groups, tp):
     from tests.nn.test_tp_invariance import _full_amax
 
     arch_d, hf_state, tok = load_smollm2()
-    arch = GPTConfig.from_dict({**arch_d, "num_layers": LAYERS, "seq_length": SEQ, "name": "smollm2-2"})
+    arch = GPTConfig.from_dict({**arch_d, "num_layers": LAYERS, "seq_length": SEQ,
+                                "name": "smollm2-2"})
     calib = [t[None, :-1] for t in token_batches(default_calib_text(), tok, 2, SEQ)]
     evals = list(token_batches(default_eval_text(), tok, 1, SEQ).split(1))
     out = {}
@@ -58,7 +61,8 @@ def _run(groups, tp):
                            dp_group=groups.dp_group)
         out[key] = {"loss": evaluate_loss(model, evals, groups.dp_group),
                     "amax": _full_amax(model, groups.tp_group),
-                    "qkv0": model.decoder.layers[0].self_attention.linear_qkv.weight.detach().clone(),
+                    "qkv0":
+                        model.decoder.layers[0].self_attention.linear_qkv.weight.detach().clone(),
                     "norms": {k: v.clone() for k, v in model.state_dict().items()
                               if "layernorm.weight" in k}}
     return out

@@ -15,7 +15,8 @@ from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
 from megaquant.ptq import restore
 from megaquant.quantizer import disable_quantizers
 
-INT4 = {"name": "int4_32", "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 32}}]}
+INT4 = {"name": "int4_32",
+        "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 32}}]}
 
 
 def _batches(n, seed, seq=16):
@@ -31,7 +32,8 @@ def _model(seed=0):
 @pytest.mark.parametrize("recipe,algorithm,options", [
     ("int8", "smoothquant", {}), ("int8", "smoothquant", {"search": True}),
     (INT4, "awq", {"clip": False})])  # AWQ's clipping changes the float weights on purpose
-def test_scale_folding_leaves_the_float_model_unchanged(megatron_single, recipe, algorithm, options):
+def test_scale_folding_leaves_the_float_model_unchanged(megatron_single, recipe, algorithm,
+                                                        options):
     model, evals = _model(), [torch.cat([b, b[:, :1]], 1) for b in _batches(2, 2)]
     ref = evaluate_loss(model, evals, megatron_single.dp_group)
     before = {k: v.clone() for k, v in model.state_dict().items() if "layernorm" in k}

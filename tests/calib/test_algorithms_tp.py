@@ -15,7 +15,8 @@ import torch
 from tests.distributed_utils import run_ranks
 from tests.sharding import on_two_rank_layouts, tiny_full_state
 
-INT4 = {"name": "int4_32", "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 32}}]}
+INT4 = {"name": "int4_32",
+        "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 32}}]}
 RECIPES = {"int8_sq": "int8_sq", "int4_awq": INT4 | {"calib": "awq"}, "nvfp4_mse": "nvfp4_mse",
            "nvfp4_gptq": "nvfp4_gptq"}
 SEQ = 16

@@ -32,7 +32,9 @@ def test_recipe_calib_unknown_algorithm_and_option_name_the_valid_ones():
 
 
 @pytest.mark.parametrize("name,algorithm", [("int8_sq", "smoothquant"), ("int4_awq", "awq"),
-                                            ("nvfp4_mse", "mse"), ("nvfp4_gptq", "gptq"), ("nvfp4_sq", "smoothquant"), ("mxfp4_sq", "smoothquant"),
+                                            ("nvfp4_mse", "mse"), ("nvfp4_gptq", "gptq"),
+                                            ("nvfp4_sq", "smoothquant"),
+                                            ("mxfp4_sq", "smoothquant"),
                                             ("nvfp4", "max"), ("int8", "max")])
 def test_builtin_recipes_carry_their_algorithm(name, algorithm):
     assert load_recipe(name).calib.algorithm == algorithm

@@ -17,7 +17,8 @@ def test_recipe_builtins_are_all_present_and_load():
 
 def test_recipe_weight_only_recipes_leave_inputs_off():
     for name in ("nvfp4_w4a16", "int4_w4a16"):
-        assert load_recipe(name).resolve("decoder.layers.3.self_attention.linear_qkv")["input"] is None
+        assert load_recipe(name).resolve(
+            "decoder.layers.3.self_attention.linear_qkv")["input"] is None
 
 
 def test_recipe_excludes_output_layer_and_router_by_default():
@@ -40,7 +41,8 @@ def test_recipe_later_rule_overrides_only_the_roles_it_names():
     ({"name": "t", "rules": [{"modules": "*", "weight": {"format": "fp9"}}]}, "fp8"),
     ({"name": "t", "rules": [{"modules": "*", "wieght": {"format": "fp8"}}]}, "valid keys"),
     ({"name": "t", "rules": [{"modules": "*", "weight": {"format": "fp8", "axes": 0}}]}, "axis"),
-    ({"name": "t", "rules": [{"modules": "*", "weight": {"format": "fp8", "amax": "x"}}]}, "static"),
+    ({"name": "t", "rules": [{"modules": "*", "weight": {"format": "fp8", "amax": "x"}}]},
+     "static"),
     ({"name": "t", "rulez": []}, "valid keys"),
     ({"name": "t", "rules": []}, "non-empty"),
 ])

@@ -104,7 +104,8 @@ def modelopt_weight(sd: dict, module: str, algo: str, shape) -> torch.Tensor:
     if algo == "MXFP8":
         return decode_e4m3(w) * _per_block(decode_e8m0(scale), shape[-1])
     if algo == "mxfp4":
-        return decode_e2m1(unpack_low_nibble_first(w, shape[-1])) * _per_block(decode_e8m0(scale), shape[-1])
+        return (decode_e2m1(unpack_low_nibble_first(w, shape[-1]))
+                * _per_block(decode_e8m0(scale), shape[-1]))
     if algo == "W8A8_SQ_PER_CHANNEL":
         return w.to(torch.int64).float() * scale.float().reshape(-1, 1)
     if algo == "W4A16_AWQ":
@@ -121,7 +122,8 @@ def ct_weight(sd: dict, module: str, group: dict, shape) -> torch.Tensor:
         assert args["group_size"] == 32, args
         s = _per_block(decode_e8m0(sd[f"{module}.weight_scale"]), shape[-1])
         if args["num_bits"] == 4:
-            return decode_e2m1(unpack_low_nibble_first(sd[f"{module}.weight_packed"], shape[-1])) * s
+            return decode_e2m1(unpack_low_nibble_first(sd[f"{module}.weight_packed"],
+                                                       shape[-1])) * s
         return decode_e4m3(sd[f"{module}.weight"]) * s
     if args["type"] == "int" and args["num_bits"] == 8:
         return sd[f"{module}.weight"].to(torch.int64).float() * sd[f"{module}.weight_scale"].float()

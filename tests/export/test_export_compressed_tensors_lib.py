@@ -1,4 +1,5 @@
-"""The ``compressed-tensors`` library (vLLM's reader) parses our config and decompresses our tensors.
+"""The ``compressed-tensors`` library (vLLM's reader) parses our config and decompresses our
+tensors.
 
 Its ``decompress`` computes in bfloat16 (NVFP4) or the scale dtype, so the comparison with the
 fake-quantized float32 weights has bfloat16 tolerance there; its float32 building blocks
@@ -31,7 +32,8 @@ def test_compressed_tensors_library_decompresses_our_export(recipe, megatron_sin
     export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"], dtype="bfloat16")
     ref = fake_quant_hf_state(model, cfg)
     d = tmp_path / "x" / "compressed-tensors"
-    qc = QuantizationConfig.model_validate(json.loads((d / "config.json").read_text())["quantization_config"])
+    qc = QuantizationConfig.model_validate(
+        json.loads((d / "config.json").read_text())["quantization_config"])
     scheme = qc.config_groups["group_0"]
     compressor = BaseCompressor.load_from_registry(qc.format)
     sd = R.load_tensors(d)
@@ -46,7 +48,8 @@ def test_compressed_tensors_library_decompresses_our_export(recipe, megatron_sin
         if recipe.startswith("mx"):  # bf16 inside the library, exact for element * 2^e
             assert w.dtype == torch.bfloat16 and torch.equal(w.float(), want), m
         elif recipe == "nvfp4":  # bf16 arithmetic inside the library
-            torch.testing.assert_close(w.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+            torch.testing.assert_close(w.float(), want, rtol=2**-7,
+                                       atol=2**-7 * want.abs().max().item())
             _check_nvfp4_float32(local, scheme, want)
         else:
             torch.testing.assert_close(w.float(), want, rtol=2**-22, atol=0)

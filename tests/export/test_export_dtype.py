@@ -43,7 +43,8 @@ def test_export_dtype_sets_config_tensors_and_bits(nvfp4_model, tmp_path):
         # quantized tensors keep their layout's dtypes (float32 global scale)
         key = "weight_scale_2" if layout == "modelopt" else "weight_global_scale"
         assert sd[f"model.layers.0.mlp.down_proj.{key}"].dtype == torch.float32
-    assert json.loads((tmp_path / "f32" / "modelopt" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads(
+        (tmp_path / "f32" / "modelopt" / "config.json").read_text())["dtype"] == "float32"
 
 
 def test_export_compressed_tensors_nvfp4_needs_bfloat16(nvfp4_model, tmp_path):

@@ -81,13 +81,15 @@ def _quantized_with(roles: dict, megatron_single):
     model = build_gpt_model(cfg, tp_size=1)
     recipe = {"name": "custom", "rules": [{"modules": "*", **roles}], "exclude": ["*output_layer*"]}
     calib = [b[:, :-1] for b in batches(1, 1)]
-    megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", megatron_single.dp_group),
+    megaquant.quantize(model, recipe,
+                       lambda m: run_forward(m, calib, "calib", megatron_single.dp_group),
                        dp_group=megatron_single.dp_group)
     return model, cfg
 
 
 @pytest.mark.parametrize("roles", [
-    {"weight": {"format": "mxfp8", "block_size": 16}, "input": {"format": "mxfp8", "block_size": 16}},
+    {"weight": {"format": "mxfp8", "block_size": 16},
+     "input": {"format": "mxfp8", "block_size": 16}},
     {"weight": {"format": "int8", "axis": 0}, "input": {"format": "int8", "amax": "dynamic"}},
     {"weight": {"format": "fp8"}, "input": {"format": "fp8"}, "output": {"format": "fp8"}},
     {"weight": {"format": "mxfp4"}},  # weight-only MX: no built-in recipe, no layout claimed
@@ -144,7 +146,8 @@ def test_export_int4_block_64_claims_group_size_64(megatron_single, tmp_path):
     megaquant.quantize(model, recipe, lambda m: None, dp_group=megatron_single.dp_group)
     export_model(model, cfg, tmp_path / "x")
     d = tmp_path / "x" / "compressed-tensors"
-    group = json.loads((d / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    group = json.loads(
+        (d / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["weights"]["group_size"] == 64 and group["format"] == "pack-quantized"
     sd = R.load_tensors(d)
     assert sd["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 128 // 64)

@@ -47,7 +47,8 @@ def moe_exports(megatron_single, tmp_path_factory):
         model, cfg = quantized_tiny_moe(recipe, megatron_single.dp_group)
         round_params_to_bf16(model)  # bfloat16 export (c-t NVFP4 needs it), lossless
         d = tmp_path_factory.mktemp(f"moe_{recipe}") / "export"
-        out[recipe] = {"dir": d, "report": export_model(model, cfg, d, dtype="bfloat16"), "cfg": cfg,
+        out[recipe] = {"dir": d, "report": export_model(model, cfg, d, dtype="bfloat16"),
+                       "cfg": cfg,
                        "ref": fake_quant_hf_state(model, cfg), "model": model}
     return out
 
@@ -65,11 +66,13 @@ def test_export_moe_every_expert_dequantizes_to_the_fake_quantized_weights(moe_e
         sd, config = R.load_tensors(d), json.loads((d / "config.json").read_text())
         group = config["quantization_config"].get("config_groups", {}).get("group_0")
         for layer in range(LAYERS):
-            found = {k.split(".")[5] for k in sd if k.startswith(f"model.layers.{layer}.mlp.experts.")}
+            found = {k.split(".")[5] for k in sd
+                     if k.startswith(f"model.layers.{layer}.mlp.experts.")}
             assert found == {str(i) for i in range(EXPERTS)}, (layout, layer, found)
             for m in _expert_modules(layer):
                 want = e["ref"][f"{m}.weight"]
-                got = (R.modelopt_weight(sd, m, MODELOPT[recipe], want.shape) if layout == "modelopt"
+                got = (R.modelopt_weight(sd, m, MODELOPT[recipe], want.shape)
+                       if layout == "modelopt"
                        else R.ct_weight(sd, m, group, want.shape))
                 if layout == "compressed-tensors" and recipe == "nvfp4":
                     torch.testing.assert_close(got, want, rtol=2**-22, atol=0, msg=m)
@@ -95,7 +98,8 @@ def test_export_moe_config_is_qwen2_moe(moe_exports):
         config = json.loads((e["dir"] / layout / "config.json").read_text())
         assert config["architectures"] == ["Qwen2MoeForCausalLM"]
         assert config["model_type"] == "qwen2_moe"
-        assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"],
+        assert (config["num_experts"], config["num_experts_per_tok"],
+                config["moe_intermediate_size"],
                 config["shared_expert_intermediate_size"]) == (EXPERTS, 2, 64, 0)
         assert config["norm_topk_prob"] is True and config["qkv_bias"] is False
     hf_quant = json.loads((e["dir"] / "modelopt" / "hf_quant_config.json").read_text())
@@ -105,7 +109,8 @@ def test_export_moe_config_is_qwen2_moe(moe_exports):
 
 
 def test_export_moe_loads_in_transformers_with_the_same_logits(megatron_single, tmp_path):
-    """HF's Qwen2MoeForCausalLM, from our config.json and dequantized tensors, computes our logits."""
+    """HF's Qwen2MoeForCausalLM, from our config.json and dequantized tensors, computes our
+    logits."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -157,7 +162,8 @@ def test_moe_mapping_round_trips_over_tp_and_matches_the_model(megatron_single):
     model_state = {k: v for k, v in build_gpt_model(cfg, tp_size=1, ep_size=1).state_dict().items()
                    if not k.endswith("_extra_state")}
     g = torch.Generator().manual_seed(3)
-    hf = {k: torch.randn(v.shape, generator=g) for k, v in megatron_to_hf([model_state], cfg).items()}
+    hf = {k: torch.randn(v.shape, generator=g)
+          for k, v in megatron_to_hf([model_state], cfg).items()}
     assert sum(".mlp.experts." in k for k in hf) == LAYERS * EXPERTS * 3
     one = hf_to_megatron(hf, cfg, 0, 1)
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in model_state.items()}

@@ -46,8 +46,10 @@ def exports(megatron_single, tmp_path_factory):
         model, cfg = quantized_tiny(recipe, megatron_single.dp_group)
         round_params_to_bf16(model)
         d = tmp_path_factory.mktemp(recipe) / "export"
-        report = export_model(model, cfg, d, max_shard_bytes=60_000, dtype="bfloat16")  # several shards
-        out[recipe] = {"dir": d, "report": report, "cfg": cfg, "ref": fake_quant_hf_state(model, cfg),
+        # several shards
+        report = export_model(model, cfg, d, max_shard_bytes=60_000, dtype="bfloat16")
+        out[recipe] = {"dir": d, "report": report, "cfg": cfg,
+                       "ref": fake_quant_hf_state(model, cfg),
                        "loss": evaluate_loss(model, batches(2, 2), megatron_single.dp_group)}
     return out
 
@@ -66,7 +68,8 @@ def _read(recipe, e, layout):
         if layout == "modelopt":
             out[m] = R.modelopt_weight(sd, m, MODELOPT[recipe], shape)
         else:
-            out[m] = R.ct_weight(sd, m, config["quantization_config"]["config_groups"]["group_0"], shape)
+            out[m] = R.ct_weight(sd, m, config["quantization_config"]["config_groups"]["group_0"],
+                                 shape)
     return config, sd, out
 
 
@@ -99,9 +102,11 @@ def test_export_compressed_tensors_nvfp4_global_scale_is_the_reciprocal(exports)
     mo = R.load_tensors(e["dir"] / "modelopt")
     for m in _quantized_modules(e["ref"]):
         assert torch.equal(ct[f"{m}.weight_packed"], mo[f"{m}.weight"])
-        assert torch.equal(ct[f"{m}.weight_scale"].view(torch.uint8), mo[f"{m}.weight_scale"].view(torch.uint8))
+        assert torch.equal(ct[f"{m}.weight_scale"].view(torch.uint8),
+                           mo[f"{m}.weight_scale"].view(torch.uint8))
         assert ct[f"{m}.weight_global_scale"].item() == 1.0 / mo[f"{m}.weight_scale_2"].item() or \
-            torch.equal(ct[f"{m}.weight_global_scale"], (1.0 / mo[f"{m}.weight_scale_2"]).reshape(1))
+            torch.equal(ct[f"{m}.weight_global_scale"],
+                        (1.0 / mo[f"{m}.weight_scale_2"]).reshape(1))
         assert torch.equal(ct[f"{m}.input_global_scale"], (1.0 / mo[f"{m}.input_scale"]).reshape(1))
 
 
@@ -112,7 +117,8 @@ def _rebuild(recipe, e, layout, megatron_single):
     from megaquant.ptq import restore
 
     config, sd, got = _read(recipe, e, layout)
-    hf = {k: v for k, v in sd.items() if k.endswith(".weight") and k[:-7] not in got and v.is_floating_point()}
+    hf = {k: v for k, v in sd.items()
+          if k.endswith(".weight") and k[:-7] not in got and v.is_floating_point()}
     hf.update({f"{m}.weight": w for m, w in got.items()})
     torch.manual_seed(99)
     model = build_gpt_model(e["cfg"], tp_size=1)
@@ -124,7 +130,8 @@ def _rebuild(recipe, e, layout, megatron_single):
         layer = modules[f"decoder.layers.{n}.{HF_TO_MEGATRON[kind]}"]
         layer.weight_quantizer.configure(None, "off")  # the weights are already dequantized
         if recipe in ACT_SCALE_MAX:
-            key = "input_scale" if layout == "modelopt" or recipe != "nvfp4" else "input_global_scale"
+            key = ("input_scale" if layout == "modelopt" or recipe != "nvfp4"
+                   else "input_global_scale")
             s = sd[f"{m}.{key}"].float()
             s = 1.0 / s if key == "input_global_scale" else s
             layer.input_quantizer.load_amax((s * ACT_SCALE_MAX[recipe]).reshape(()))
@@ -204,5 +211,6 @@ def test_export_report_marks_approximate_activations(exports):
     for layout in ("modelopt", "compressed-tensors"):
         assert "clamp" in notes["int8_sq"][layout] and "[-128, 127]" in notes["int8_sq"][layout]
         for recipe in ("mxfp8", "mxfp4"):  # OCP scale rule: no engine uses it for activations
-            assert "activations approximate" in notes[recipe][layout] and "'ocp'" in notes[recipe][layout]
+            assert ("activations approximate" in notes[recipe][layout]
+                    and "'ocp'" in notes[recipe][layout])
     assert "no engine maps it" in notes["mxfp4"]["modelopt"]

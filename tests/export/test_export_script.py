@@ -27,13 +27,15 @@ def test_export_script_writes_layouts_and_refuses_a_used_target(megatron_single,
 
     model, cfg = quantized_tiny("fp8", megatron_single.dp_group)
     recipe = yaml.safe_load((RECIPE_DIR / "fp8.yaml").read_text())
-    save_checkpoint(model, tmp_path / "ckpt", metadata={"recipe_config": recipe, "arch": dict(vars(cfg)),
-                                                        "source_dtype": "bfloat16"})
+    save_checkpoint(model, tmp_path / "ckpt",
+                    metadata={"recipe_config": recipe, "arch": dict(vars(cfg)),
+                              "source_dtype": "bfloat16"})
     out = tmp_path / "export"
     res = _run(f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "export_report.json").read_text())
-    assert report["scheme"] == "fp8" and sorted(report["layouts"]) == ["compressed-tensors", "modelopt"]
+    assert report["scheme"] == "fp8" and sorted(report["layouts"]) == ["compressed-tensors",
+                                                                       "modelopt"]
     assert report["dtype"] == "bfloat16"  # dtype=auto: the checkpoint's recorded source_dtype
     assert json.loads((out / "modelopt" / "hf_quant_config.json").read_text())["quantization"][
         "quant_algo"] == "FP8"

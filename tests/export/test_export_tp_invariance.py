@@ -53,7 +53,8 @@ def _save_tp2(full, ckpts, input_amax):
     for recipe in RECIPES:
         model = build_gpt_model(tiny_gpt_config(), tp_size=2)
         shard_state_dict(model, full, groups.tp_rank, 2)
-        _quantize_and_save(model, recipe, groups, ckpts[recipe], tiny_gpt_config(), input_amax[recipe])
+        _quantize_and_save(model, recipe, groups, ckpts[recipe], tiny_gpt_config(),
+                           input_amax[recipe])
     return True
 
 
@@ -75,11 +76,13 @@ def test_export_of_tp2_and_tp1_checkpoints_is_byte_identical(megatron_single, tm
     for recipe in RECIPES:
         model = build_gpt_model(cfg, tp_size=1)
         model.load_state_dict(full, strict=False)
-        amax[recipe] = _quantize_and_save(model, recipe, megatron_single, tmp_path / f"tp1_{recipe}", cfg)
+        amax[recipe] = _quantize_and_save(model, recipe, megatron_single,
+                                          tmp_path / f"tp1_{recipe}", cfg)
     assert run_ranks(_save_tp2, 2, (full, tp2, amax), timeout_s=300) == [True, True]
     for recipe in RECIPES:
         # bfloat16: every layout, compressed-tensors NVFP4 included
-        a = export_checkpoint(tmp_path / f"tp1_{recipe}", tmp_path / f"out1_{recipe}", dtype="bfloat16")
+        a = export_checkpoint(tmp_path / f"tp1_{recipe}", tmp_path / f"out1_{recipe}",
+                              dtype="bfloat16")
         export_checkpoint(tp2[recipe], tmp_path / f"out2_{recipe}", dtype="bfloat16")
         one, two = _files(tmp_path / f"out1_{recipe}"), _files(tmp_path / f"out2_{recipe}")
         assert one.keys() == two.keys() and len(one) >= 3, sorted(one)

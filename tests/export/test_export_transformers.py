@@ -10,9 +10,9 @@ the bfloat16 export is lossless, then:
 * loaded in float32 (INT4, FP8, INT8, whose scales decompress to float32): logits equal the
   fake-quant model's to atol 1e-5 (other summation order; measured 0), and so does the loss;
 * loaded in the export's bfloat16 (weight-only: NVFP4 -- the only dtype its decompression
-  gives -- and INT4): transformers computes in bfloat16, so logits agree to bfloat16 accuracy (atol 2^-6 * max
-  |logit|; measured 0.26-0.42 of it, while quantization itself moves logits by over 3x it) and
-  the loss to 1e-3 nats (measured ~1e-4).
+  gives -- and INT4): transformers computes in bfloat16, so logits agree to bfloat16 accuracy
+  (atol 2^-6 * max |logit|; measured 0.26-0.42 of it, while quantization itself moves logits by
+  over 3x it) and the loss to 1e-3 nats (measured ~1e-4).
 """
 
 import pytest
@@ -42,7 +42,8 @@ def test_transformers_loads_our_export_with_the_fake_quant_perplexity(recipe, me
     round_params_to_bf16(model)
     export_model(model, cfg, tmp_path / "x", layouts=["compressed-tensors"], dtype="bfloat16")
     tokens = batches(3, 1)[0]  # quantized_tiny's first calibration batch: activations in range
-    ours = model(tokens[:, :-1], torch.arange(tokens.shape[1] - 1).expand(tokens.shape[0], -1), None)
+    ours = model(tokens[:, :-1], torch.arange(tokens.shape[1] - 1).expand(tokens.shape[0], -1),
+                 None)
     loss = evaluate_loss(model, [tokens], megatron_single.dp_group)
     d = str(tmp_path / "x" / "compressed-tensors")
     # W8A8 in bfloat16: one bfloat16 rounding can move an activation to the next code (a whole
@@ -65,7 +66,8 @@ def test_transformers_loads_our_export_with_the_fake_quant_perplexity(recipe, me
         for role in ("weight_quantizer", "input_quantizer"):
             if hasattr(layer, role):
                 getattr(layer, role).configure(None, "off")
-    plain = model(tokens[:, :-1], torch.arange(tokens.shape[1] - 1).expand(tokens.shape[0], -1), None)
+    plain = model(tokens[:, :-1], torch.arange(tokens.shape[1] - 1).expand(tokens.shape[0], -1),
+                  None)
     tightest = 1e-5 if torch.float32 in dtypes else 2**-6 * ours.abs().max().item()
     assert (plain - ours).abs().max().item() > 3 * tightest
 
@@ -95,7 +97,8 @@ def test_transformers_reproduces_smollm2_perplexity_from_our_export(recipe, mega
     evals = list(token_batches(default_eval_text(), tok, 2, 256).split(1))
     loss_fp = evaluate_loss(model, evals, megatron_single.dp_group)
     calib = [t[None, :-1] for t in token_batches(default_calib_text(), tok, 1, 256)]
-    megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", megatron_single.dp_group),
+    megaquant.quantize(model, recipe,
+                       lambda m: run_forward(m, calib, "calib", megatron_single.dp_group),
                        dp_group=megatron_single.dp_group)
     loss_q = evaluate_loss(model, evals, megatron_single.dp_group)
     report = export_model(model, arch, tmp_path / "x", tokenizer=tok, source_dtype="bfloat16")
@@ -105,7 +108,8 @@ def test_transformers_reproduces_smollm2_perplexity_from_our_export(recipe, mega
     assert hf.config.dtype == torch.bfloat16
     nll = sum(_hf_loss(hf, t)[1] for t in evals) / len(evals)
     ppl_hf, ppl_q, ppl_fp = (torch.tensor([nll, loss_q, loss_fp]).exp()).tolist()
-    print(f"SmolLM2 {recipe}: transformers ppl {ppl_hf:.3f}, fake-quant {ppl_q:.3f}, fp {ppl_fp:.3f}, "
+    print(f"SmolLM2 {recipe}: transformers ppl {ppl_hf:.3f}, fake-quant {ppl_q:.3f}, "
+          f"fp {ppl_fp:.3f}, "
           f"{report.layouts['compressed-tensors']['bits_per_param']:.2f} bits/param")
     assert abs(ppl_hf / ppl_q - 1) < 0.01, (ppl_hf, ppl_q)
     assert abs(ppl_q / ppl_fp - 1) > 0.03  # quantization is visible: the check can fail

@@ -17,8 +17,9 @@ import torch
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-6,
             tie_word_embeddings=False)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 2.0,
-               "high_freq_factor": 8.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+               "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+               "original_max_position_embeddings": 64}
 FAMILIES = {
     # Llama-3.1-style scaling with non-default low/high factors (Megatron's own fixes 1 and 4)
     "llama3": ("llama", dict(rope_parameters=LLAMA3_ROPE)),

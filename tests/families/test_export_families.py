@@ -34,8 +34,8 @@ from tests.families.families import save_family
 
 transformers = pytest.importorskip("transformers")
 SEQ = 16
-ARCHS = {"llama3": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "mistral": "MistralForCausalLM",
+ARCHS = {"llama3": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM",
+         "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
          "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
          "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
@@ -73,7 +73,8 @@ def our_logits(model, tokens):
 
 def close(got, want, rel, what):
     tol = rel * want.abs().max().item()
-    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def _export(model, arch, out):
@@ -97,7 +98,8 @@ def test_dense_export_reproduced_by_transformers(megatron_single, tmp_path, fami
     d, config = _export(model, arch, tmp_path / "x")
     assert config["architectures"] == [ARCHS[family]]
     lm_head = json.loads((tmp_path / "x" / "export_report.json").read_text())["lm_head"]
-    assert lm_head.startswith("tied" if family == "llama_tied" else "untied, kept in bfloat16"), lm_head
+    assert lm_head.startswith(
+        "tied" if family == "llama_tied" else "untied, kept in bfloat16"), lm_head
     assert "lm_head" in config["quantization_config"]["ignore"]  # engines keep it unquantized
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                                  output_loading_info=True)
@@ -139,8 +141,8 @@ def test_moe_export_reproduced_by_transformers(megatron_single, tmp_path, family
     (tmp_path / "hf").mkdir()
     save_file(plain, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                                 output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     for m in model.modules():  # weights fake-quantized, activations not (see module docstring)
         if getattr(m, "input_quantizer", None) is not None:

@@ -56,7 +56,8 @@ def test_ptq_tp2_then_export(tmp_path, family):
     config = json.loads((d / "config.json").read_text())
     assert config["architectures"] == [ARCH_OF[family]]
     c = hf.config
-    assert config["head_dim"] == (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    assert config["head_dim"] == (getattr(c, "head_dim", None)
+                                  or c.hidden_size // c.num_attention_heads)
     assert config["rope_scaling"] is None
     assert config["rope_theta"] == hf.config.rope_parameters["rope_theta"]
     assert config["max_position_embeddings"] == hf.config.max_position_embeddings

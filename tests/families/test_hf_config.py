@@ -39,13 +39,15 @@ def test_llama3_scaling_read_in_both_dialects():
 
 
 def test_qwen2_sliding_window_off_is_full_attention():
-    cfg = dict(LLAMA, architectures=["Qwen2ForCausalLM"], sliding_window=4096, use_sliding_window=False)
+    cfg = dict(LLAMA, architectures=["Qwen2ForCausalLM"], sliding_window=4096,
+               use_sliding_window=False)
     fields = gpt_fields_from_hf(cfg)
     assert fields["add_qkv_bias"] and fields["hf_family"] == "qwen2"
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"architectures": ["Qwen2VLForConditionalGeneration"]}, "Qwen2VLForConditionalGeneration.*Qwen3Moe"),
+    ({"architectures": ["Qwen2VLForConditionalGeneration"]},
+     "Qwen2VLForConditionalGeneration.*Qwen3Moe"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
     ({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "use_sliding_window": True},
      "sliding_window"),
@@ -53,7 +55,8 @@ def test_qwen2_sliding_window_off_is_full_attention():
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 3}}, "beta_fast"),
-    ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "disagrees"),
+    ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+     "disagrees"),
     ({"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                         "partial_rotary_factor": 0.5}},
      "partial_rotary_factor"),
@@ -99,7 +102,8 @@ def test_bad_tensors_named_with_their_file(tmp_path):
                                          r"k_proj\.bias has shape \(3,\).*\(32,\)"):
         read_hf_model(d)
     _rewrite(d, lambda s: s.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(ValueError, match=r"lacks 1 tensors.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(ValueError,
+                       match=r"lacks 1 tensors.*model\.layers\.1\.self_attn\.k_proj\.bias"):
         read_hf_model(d)
 
 
@@ -124,7 +128,8 @@ def test_missing_shard_named(tmp_path):
 
 
 def test_parallel_sizes_the_model_does_not_divide():
-    fields = gpt_fields_from_hf(dict(LLAMA, architectures=["MixtralForCausalLM"], num_local_experts=4))
+    fields = gpt_fields_from_hf(dict(LLAMA, architectures=["MixtralForCausalLM"],
+                                     num_local_experts=4))
     arch = GPTConfig.from_dict({**fields, "seq_length": 16})
     with pytest.raises(ValueError, match="tensor parallel must be 1 or 2, got 4"):
         arch.check_tensor_parallel(4)

@@ -23,7 +23,8 @@ def _tokens():
 def assert_logits_close(got, ref, what=""):
     assert ref.abs().max() > 0.5, what  # not a degenerate model
     tol = 1e-4 * ref.abs().max().item()
-    torch.testing.assert_close(got.double(), ref.double(), rtol=0, atol=tol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.double(), ref.double(), rtol=0, atol=tol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def megatron_logits(directory, tp=1, tp_rank=0, ep=1, ep_rank=0, tp_group=None):
@@ -88,7 +89,8 @@ def _parallel_worker(jobs):
     out = []
     for directory, tp, ep in jobs:
         groups = init_model_parallel(tp=tp, ep=ep)
-        out.append(megatron_logits(directory, tp, groups.tp_rank, ep, groups.ep_rank, groups.tp_group))
+        out.append(megatron_logits(directory, tp, groups.tp_rank, ep, groups.ep_rank,
+                                   groups.tp_group))
     return out
 
 

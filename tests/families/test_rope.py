@@ -12,8 +12,8 @@ from megaquant.models.rope import RopeScaling, rope_inv_freq
 transformers = pytest.importorskip("transformers")
 
 CASES = {
-    "llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192},
+    "llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     "llama3_other": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 2.0,
                      "high_freq_factor": 8.0, "original_max_position_embeddings": 4096},
     "linear": {"rope_type": "linear", "factor": 4.0},

@@ -43,7 +43,8 @@ def int_grid(qmax: int) -> np.ndarray:
 
 
 def nearest(y: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Round float64 ``y`` to the nearest ±grid value; ties -> even code index; saturate; NaN stays."""
+    """Round float64 ``y`` to the nearest ±grid value; ties -> even code index; saturate; NaN
+    stays."""
     a = np.abs(y)
     out = np.full_like(a, np.nan)
     ok = ~np.isnan(a)

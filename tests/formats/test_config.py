@@ -12,7 +12,8 @@ from megaquant.formats import FORMATS, FP8, INT4, INT8, MXFP4, MXFP8, NVFP4, Qua
 
 
 def test_registry_names_and_classes():
-    assert FORMATS == {"fp8": FP8, "nvfp4": NVFP4, "mxfp8": MXFP8, "mxfp4": MXFP4, "int8": INT8, "int4": INT4}
+    assert FORMATS == {"fp8": FP8, "nvfp4": NVFP4, "mxfp8": MXFP8, "mxfp4": MXFP4, "int8": INT8,
+                       "int4": INT4}
     for name, cls in FORMATS.items():
         fmt = get_format(name)
         assert isinstance(fmt, cls) and isinstance(fmt, QuantFormat) and fmt.name == name

@@ -31,7 +31,8 @@ def _hard_tensor(shape, dtype) -> torch.Tensor:
     x = random_tensor(shape, torch.float32, lo=-8, hi=3)
     flat = x.view(-1)
     n = flat.numel()
-    flat[: n // 8] = torch.tensor([0.25, 0.75, 1.25, 2.5, 3.5, 5.0, 1.0625, 6.0]).repeat(n // 64 + 1)[: n // 8]
+    flat[: n // 8] = torch.tensor([0.25, 0.75, 1.25, 2.5, 3.5, 5.0, 1.0625, 6.0]).repeat(
+        n // 64 + 1)[: n // 8]
     flat[n // 8 : n // 8 + 64] = 0.0
     flat[n // 4 : n // 4 + 32] *= 1e-30
     flat[n // 2] = 1e6  # saturates under a static amax

@@ -104,7 +104,8 @@ def test_mx_matches_reference(cls, elem, rule, dtype):
     for x in _inputs(dtype):
         vals, keep, exps = R.ref_mx(to_np(x), elem, rule)
         _check(fmt, x, None, vals, keep)
-        want = torch.from_numpy(np.where(np.isnan(exps), 255, np.nan_to_num(exps) + 127).astype(np.uint8))
+        want = torch.from_numpy(
+            np.where(np.isnan(exps), 255, np.nan_to_num(exps) + 127).astype(np.uint8))
         assert torch.equal(fmt.quantize(x).scale, want), "E8M0 scale codes"
     ties = _tie_tensor(R.E4M3 if elem == "e4m3" else R.E2M1, 32, dtype)  # both rules: scale 2^0
     _check(fmt, ties, None, *R.ref_mx(to_np(ties), elem, rule)[:2])
@@ -126,7 +127,8 @@ def test_int_matches_reference(dtype):
 
 
 def test_exact_ties_round_to_even():
-    """Midpoints between grid neighbours (scale exactly 1) go to the even code; above max saturates."""
+    """Midpoints between grid neighbours (scale exactly 1) go to the even code; above max
+    saturates."""
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0, 5.9, 6.0])
     want = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0, -4.0, 6.0, 6.0])
     block = torch.cat([ties, torch.full((21,), 6.0)])  # amax 6: NVFP4 s = 1 when g = 1; MX 2^0
@@ -137,16 +139,19 @@ def test_exact_ties_round_to_even():
     sat = MXFP4().fake_quantize(torch.cat([torch.tensor([7.9, -7.0]), torch.zeros(30)]))
     assert_bitwise(sat[:2], torch.tensor([6.0, -6.0]), "mxfp4 saturation")
     # E4M3 ties around 1: grid 1, 1.125, 1.25 -> midpoints 1.0625 (-> 1), 1.1875 (-> 1.25)
-    fp8 = FP8().fake_quantize(torch.tensor([1.0625, 1.1875, 440.0, 500.0, 448.0]), torch.tensor(448.0))
+    fp8 = FP8().fake_quantize(torch.tensor([1.0625, 1.1875, 440.0, 500.0, 448.0]),
+                              torch.tensor(448.0))
     assert_bitwise(fp8, torch.tensor([1.0, 1.25, 448.0, 448.0, 448.0]), "e4m3 ties/saturation")
-    i8 = INT8().fake_quantize(torch.tensor([0.5, 1.5, 2.5, -0.5, 126.5, 130.0]), torch.tensor(127.0))
+    i8 = INT8().fake_quantize(torch.tensor([0.5, 1.5, 2.5, -0.5, 126.5, 130.0]),
+                              torch.tensor(127.0))
     assert_bitwise(i8, torch.tensor([0.0, 2.0, 2.0, 0.0, 126.0, 127.0]), "int8 ties")
 
 
 def test_mx_ties_scale_one():
     x = torch.tensor([448.0, 1.0625, 1.1875, 0.25 * 2**-9, 0.75 * 2**-9] + [0.0] * 27)
     got = MXFP8().fake_quantize(x)  # block amax 448: OCP exponent 8 - 8 = 0
-    assert_bitwise(got[:5], torch.tensor([448.0, 1.0, 1.25, 0.0, 2**-9]), "mxfp8 ties incl. subnormals")
+    assert_bitwise(got[:5], torch.tensor([448.0, 1.0, 1.25, 0.0, 2**-9]),
+                   "mxfp8 ties incl. subnormals")
 
 
 def test_all_zero_and_extreme_scales():
@@ -177,9 +182,11 @@ def test_nonfinite_never_becomes_finite():
         fmt = cls()
         for amax in (None, static.get(cls)):
             for out in (fmt.fake_quantize(x, amax), fmt.dequantize(fmt.quantize(x, amax))):
-                assert torch.isnan(out[0, 3]) and torch.isnan(out[1, 17]) and torch.isnan(out[2, 100]), cls
+                assert (torch.isnan(out[0, 3]) and torch.isnan(out[1, 17])
+                        and torch.isnan(out[2, 100])), cls
     assert torch.isnan(FP8().compute_amax(x)) or torch.isinf(FP8().compute_amax(x))
-    assert torch.isnan(INT8(axis=0).compute_amax(x)[0, 0]) and torch.isinf(INT8(axis=0).compute_amax(x)[1, 0])
+    assert (torch.isnan(INT8(axis=0).compute_amax(x)[0, 0])
+            and torch.isinf(INT8(axis=0).compute_amax(x)[1, 0]))
     # static per-element NaN handling leaves other elements finite for FP8/INT8
     assert torch.isfinite(FP8().fake_quantize(x, torch.tensor(100.0))[3]).all()
     assert torch.isfinite(INT8().fake_quantize(x, torch.tensor(100.0))[3]).all()

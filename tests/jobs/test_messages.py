@@ -175,7 +175,8 @@ def _tokenizer(tmp_path):
 @pytest.mark.parametrize("case, message", [
     (_no_recipe, r"choose a recipe: \+recipe=NAME, one of \["),
     (_hf_path, r"model.path '.*nope' is not a directory \(model.source=hf\)"),
-    (_not_a_checkpoint, r"megaquant.json not found: .*nope/checkpoint is not a megaquant checkpoint"),
+    (_not_a_checkpoint,
+     r"megaquant.json not found: .*nope/checkpoint is not a megaquant checkpoint"),
     (_tokenizer, r"tokenizer='.*nope': expected auto \| none \| smollm2"),
 ], ids=["no_recipe", "hf_path", "not_a_checkpoint", "tokenizer"])
 def test_clear_refusals_name_the_problem(tmp_path, case, message):

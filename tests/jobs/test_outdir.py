@@ -1,4 +1,5 @@
-"""Output directories: one run at a time, run.overwrite honoured, commit whole, leftovers handled."""
+"""Output directories: one run at a time, run.overwrite honoured, commit whole, leftovers
+handled."""
 
 import pytest
 
@@ -25,7 +26,8 @@ def test_second_run_fails_fast_naming_the_holder(tmp_path):
 
     first = OutputDir(tmp_path / "out")
     first.acquire(overwrite=True)
-    with pytest.raises(OutputDirBusy, match=rf"run.output_dir=.*out is in use by pid {os.getpid()}"):
+    with pytest.raises(OutputDirBusy,
+                       match=rf"run.output_dir=.*out is in use by pid {os.getpid()}"):
         OutputDir(tmp_path / "out").acquire(overwrite=True)
     first.release()
     OutputDir(tmp_path / "out").acquire(overwrite=True)  # free again once released
@@ -69,7 +71,8 @@ def test_claim_commits_everything_at_once_or_nothing(tmp_path):
     from megaquant.outdir import claim_output_dir
 
     out = _dir_with(tmp_path / "out", **{"summary.json": "old", "report.md": "old"})
-    with pytest.raises(RuntimeError, match="boom"), claim_output_dir(out, overwrite=True) as claimed:
+    with (pytest.raises(RuntimeError, match="boom"),
+          claim_output_dir(out, overwrite=True) as claimed):
         (claimed.staging / "summary.json").write_text("new")
         raise RuntimeError("boom")
     assert _tree(out) == {"summary.json": "old", "report.md": "old"}

@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -23,7 +24,6 @@ dist.barrier()
 if dist.get_rank() == 1:
     os.kill(os.getpid(), signal.SIGSTOP)
     sys.exit(0)
-from megatron.core import parallel_state as ps
 
 named = {n: getattr(groups, n) for n in ("tp_group", "dp_group", "ep_group", "expt_dp_group")}
 named["dp_gloo"] = ps.get_data_parallel_group_gloo()

@@ -140,7 +140,8 @@ def test_load_refuses_damaged_file_by_name(ckpt, damage):
 
 
 def test_damaged_file_without_manifest_still_named(ckpt):
-    """Checkpoints from before manifests: a truncated shard is a clear error, not a bare EOFError."""
+    """Checkpoints from before manifests: a truncated shard is a clear error, not a bare
+    EOFError."""
     from megaquant.megatron.checkpoint import load_checkpoint
     from megaquant.megatron.safe_load import CorruptCheckpointError
 

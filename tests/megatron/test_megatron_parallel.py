@@ -54,7 +54,8 @@ def _tp_worker():
     full_state = {k: v.clone() for k, v in ref.state_dict().items()
                   if isinstance(v, torch.Tensor)}
     for sp in (False, True):
-        g2 = init_model_parallel(tp=2, seed=99)  # other seed: weights must come from shard_state_dict
+        # other seed: weights must come from shard_state_dict
+        g2 = init_model_parallel(tp=2, seed=99)
         model = build_gpt_model(cfg, sequence_parallel=sp)
         shard_state_dict(model, full_state, g2.tp_rank, 2)
         diff = max((_full_logits(model, b[:, :-1], g2.tp_group) - r).abs().max().item()

@@ -19,7 +19,8 @@ The math (LLaMA / SmolLM2):
                h += down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
     logits = rms(h) @ (lm_head or embed).T
 RMSNorm: x / sqrt(mean(x^2) + eps) * w. RoPE rotates halves: for head dim d and position p,
-frequency f_i = base^(-2i/d), (x_i, x_{i+d/2}) -> (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin).
+frequency f_i = base^(-2i/d),
+(x_i, x_{i+d/2}) -> (x_i cos - x_{i+d/2} sin, x_{i+d/2} cos + x_i sin).
 GQA: query head h uses KV group h // (heads / groups).
 """
 
@@ -78,8 +79,10 @@ def _mlp(x, state, prefix):
 
 
 @torch.no_grad()
-def llama_forward(hf_state: dict, arch, tokens: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:
-    """Logits [batch, seq, vocab] of a LLaMA model given its HF-named state dict (see module doc)."""
+def llama_forward(hf_state: dict, arch, tokens: torch.Tensor, *,
+                  dtype=torch.float32) -> torch.Tensor:
+    """Logits [batch, seq, vocab] of a LLaMA model given its HF-named state dict (see module
+    doc)."""
     state = {k: v.to(dtype) for k, v in hf_state.items()}
     eps = _get(arch, "norm_epsilon")
     d = _get(arch, "hidden_size") // _get(arch, "num_attention_heads")
@@ -89,7 +92,8 @@ def llama_forward(hf_state: dict, arch, tokens: torch.Tensor, *, dtype=torch.flo
         p = f"model.layers.{n}."
         h = h + _attention(rms_norm(h, state[p + "input_layernorm.weight"], eps), state,
                            p + "self_attn.", arch, cos, sin)
-        h = h + _mlp(rms_norm(h, state[p + "post_attention_layernorm.weight"], eps), state, p + "mlp.")
+        h = h + _mlp(rms_norm(h, state[p + "post_attention_layernorm.weight"], eps), state,
+                     p + "mlp.")
     h = rms_norm(h, state["model.norm.weight"], eps)
     head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     if _get(arch, "tie_embeddings"):

@@ -38,10 +38,13 @@ def test_read_hf_llama_round_trip(tmp_path, shards):
     state = random_hf_state(ARCH)
     write_dir(tmp_path / "m", HF_CONFIG, state, shards)
     cfg, loaded = read_hf_llama(tmp_path / "m")
-    assert cfg == {"num_layers": 2, "hidden_size": 24, "ffn_hidden_size": 48, "num_attention_heads": 6,
-                   "num_query_groups": 3, "vocab_size": 30, "seq_length": 128, "rotary_base": 100000.0,
+    assert cfg == {"num_layers": 2, "hidden_size": 24, "ffn_hidden_size": 48,
+                   "num_attention_heads": 6,
+                   "num_query_groups": 3, "vocab_size": 30, "seq_length": 128,
+                   "rotary_base": 100000.0,
                    "norm_epsilon": 1e-5, "normalization": "RMSNorm", "gated_linear_unit": True,
-                   "add_bias_linear": False, "tie_embeddings": False, "max_position_embeddings": 128,
+                   "add_bias_linear": False, "tie_embeddings": False,
+                   "max_position_embeddings": 128,
                    "rope_scaling": None, "add_qkv_bias": False, "qk_layernorm": False,
                    "hf_family": "llama"}
     assert sorted(loaded) == sorted(state)

@@ -41,7 +41,8 @@ def test_mapping_round_trip_exact(cfg, tp):
     d = cfg["hidden_size"] // cfg["num_attention_heads"]
     qkv_rows = (cfg["num_attention_heads"] + 2 * cfg["num_query_groups"]) * d
     h, f = cfg["hidden_size"], cfg["ffn_hidden_size"]
-    assert ranks[0]["decoder.layers.1.self_attention.linear_qkv.weight"].shape == (qkv_rows // tp, h)
+    assert (ranks[0]["decoder.layers.1.self_attention.linear_qkv.weight"].shape
+            == (qkv_rows // tp, h))
     assert ranks[0]["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * f // tp, h)
     assert_same(megatron_to_hf(ranks, cfg), hf)
 
@@ -69,15 +70,19 @@ def test_mapping_qkv_fc1_layout_hand_checked():
     col = lambda *v: torch.tensor(v, dtype=torch.float32)[:, None].repeat(1, 4)  # noqa: E731
     p = "model.layers.0."
     hf = {"model.embed_tokens.weight": col(0, 1), "model.norm.weight": torch.ones(4),
-          p + "self_attn.q_proj.weight": col(0, 1, 2, 3), p + "self_attn.k_proj.weight": col(10, 11),
+          p + "self_attn.q_proj.weight": col(0, 1, 2, 3),
+          p + "self_attn.k_proj.weight": col(10, 11),
           p + "self_attn.v_proj.weight": col(20, 21),
           p + "self_attn.o_proj.weight": torch.arange(16.0).view(4, 4),
-          p + "mlp.gate_proj.weight": col(0, 1, 2, 3), p + "mlp.up_proj.weight": col(10, 11, 12, 13),
+          p + "mlp.gate_proj.weight": col(0, 1, 2, 3),
+          p + "mlp.up_proj.weight": col(10, 11, 12, 13),
           p + "mlp.down_proj.weight": torch.arange(16.0).view(4, 4),
-          p + "input_layernorm.weight": torch.ones(4), p + "post_attention_layernorm.weight": torch.ones(4)}
+          p + "input_layernorm.weight": torch.ones(4),
+          p + "post_attention_layernorm.weight": torch.ones(4)}
     m = "decoder.layers.0."
     one = hf_to_megatron(hf, cfg, 0, 1)
-    assert one[m + "self_attention.linear_qkv.weight"][:, 0].tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    assert one[m + "self_attention.linear_qkv.weight"][:, 0].tolist() == [0, 1, 10, 20, 2, 3,
+                                                                          11, 21]
     assert one[m + "mlp.linear_fc1.weight"][:, 0].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
     r0, r1 = hf_to_megatron(hf, cfg, 0, 2), hf_to_megatron(hf, cfg, 1, 2)
     assert r0[m + "self_attention.linear_qkv.weight"][:, 0].tolist() == [0, 1, 10, 20]
@@ -85,7 +90,8 @@ def test_mapping_qkv_fc1_layout_hand_checked():
     assert r0[m + "mlp.linear_fc1.weight"][:, 0].tolist() == [0, 1, 10, 11]
     assert r1[m + "mlp.linear_fc1.weight"][:, 0].tolist() == [2, 3, 12, 13]
     # row-parallel: rank 1 holds input columns 2..3 (the inputs from query heads 2, 3)
-    assert r1[m + "self_attention.linear_proj.weight"].tolist() == [[2, 3], [6, 7], [10, 11], [14, 15]]
+    assert r1[m + "self_attention.linear_proj.weight"].tolist() == [[2, 3], [6, 7], [10, 11],
+                                                                    [14, 15]]
     assert r1[m + "mlp.linear_fc2.weight"][0].tolist() == [2, 3]
     assert r1["embedding.word_embeddings.weight"][:, 0].tolist() == [1]
 
@@ -108,7 +114,8 @@ _BUILD_GPT = textwrap.dedent("""
         add_bias_linear=False, activation_func=torch.nn.functional.silu)
     out = {}
     for tie in (True, False):
-        m = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=c["vocab_size"],
+        m = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm"),
+                     vocab_size=c["vocab_size"],
                      max_sequence_length=32, share_embeddings_and_output_weights=tie,
                      position_embedding_type="rope")
         out[str(tie)] = {k: list(v.shape) for k, v in m.state_dict().items()

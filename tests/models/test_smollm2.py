@@ -17,7 +17,8 @@ from tests.models.reference_llama import perplexity
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf's Q/K permutation, written from its description."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -65,7 +66,8 @@ def test_smollm2_perplexity_small_and_unpermute_matters(smollm2):
 
 @pytest.mark.slow  # ~45 s on 2 idle cores
 def test_smollm2_perplexity_hamlet_8x512(smollm2):
-    """The issue's measurement: ~42.6 on 8 x 512 tokens of Hamlet (we measure 42.75). Bounds [30, 60]."""
+    """The issue's measurement: ~42.6 on 8 x 512 tokens of Hamlet (we measure 42.75). Bounds
+    [30, 60]."""
     arch, state, tok = smollm2
     ppl = perplexity(state, arch, token_batches(default_eval_text(), tok, 8, 512))
     print(f"perplexity 8x512: {ppl:.2f}")

@@ -23,7 +23,8 @@ def build_global_state(ep: int) -> dict:
     out = {}
     for name, value in model.state_dict().items():
         if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
-            name = _LOCAL.sub(lambda m: f"{m.group(1)}{groups.ep_rank * num_local + int(m.group(2))}"
-                              f"{m.group(3)}", name)
+            name = _LOCAL.sub(
+                lambda m: f"{m.group(1)}{groups.ep_rank * num_local + int(m.group(2))}"
+                          f"{m.group(3)}", name)
             out[name] = value.detach().clone()
     return out

@@ -54,7 +54,8 @@ def _nan_on_one_rank(groups, full):
     force_empty_expert(model)
     if groups.ep_rank == 1:
         with torch.no_grad():
-            model.decoder.layers[1].mlp.experts.local_experts[1].linear_fc2.weight[0, 0] = float("nan")
+            model.decoder.layers[1].mlp.experts.local_experts[1].linear_fc2.weight[0, 0] = \
+                float("nan")
     calib = [b[:, :-1] for b in batches(2, 1)]
     try:
         megaquant.quantize(model, "fp8_per_channel",
@@ -167,7 +168,8 @@ def test_moe_expert_without_tokens_calibrates_everywhere(references, ep2, full_s
     assert per_rank[0]["empty"]["report"]["expert_inputs_without_tokens"] == []
     assert len(per_rank[1]["empty"]["report"]["expert_inputs_without_tokens"]) == 4
     assert want["report"]["expert_inputs_without_tokens"] and all(
-        f"local_experts.{EMPTY_EXPERT}." in n for n in want["report"]["expert_inputs_without_tokens"])
+        f"local_experts.{EMPTY_EXPERT}." in n
+        for n in want["report"]["expert_inputs_without_tokens"])
 
 
 @pytest.mark.multiprocess

@@ -131,7 +131,8 @@ def test_nonfinite_activation_during_calibration_names_layer_and_batch(megatron_
                 fc2.weight[0, 0] = float("inf") if i == 1 else 0.0
             m(t, None, None)
 
-    with pytest.raises(FloatingPointError, match=r"decoder\.layers\.1\.self_attention\.linear_qkv.*batch 2"):
+    with pytest.raises(FloatingPointError,
+                       match=r"decoder\.layers\.1\.self_attention\.linear_qkv.*batch 2"):
         megaquant.quantize(model, "fp8", loop)
 
 
@@ -148,7 +149,8 @@ def test_quantized_gpt_layer_spec_builds_quantized_linears(megatron_single):
     from megaquant.spec import get_spec_provider, quantized_gpt_layer_spec
 
     cfg = tiny_gpt_config()
-    model = GPTModel(config=cfg.to_transformer_config(1), transformer_layer_spec=quantized_gpt_layer_spec(),
+    model = GPTModel(config=cfg.to_transformer_config(1),
+                     transformer_layer_spec=quantized_gpt_layer_spec(),
                      vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
                      position_embedding_type="rope")
     layer = model.decoder.layers[0]

@@ -55,8 +55,13 @@ def build(groups, full, recipe=RECIPE, calibrate=True, scales=None):
 
 
 def settings(max_steps=4, distill=False):
-    from megaquant.train.config import (BatchConfig, DistillConfig, OptimConfig, SchedConfig,
-                                        TrainerConfig)
+    from megaquant.train.config import (
+        BatchConfig,
+        DistillConfig,
+        OptimConfig,
+        SchedConfig,
+        TrainerConfig,
+    )
 
     trainer = TrainerConfig(max_steps=max_steps, log_every_n_steps=0, gradient_clip_val=1.0)
     optim = OptimConfig(lr=3e-3, weight_decay=0.01, sched=SchedConfig(warmup_steps=1,

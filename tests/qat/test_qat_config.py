@@ -74,7 +74,8 @@ def test_model_quantization_overrides_as_nemo_users_type_them():
 
     cfg = _compose([])
     assert cfg.model.quantization.name == "nvfp4" and cfg.model.source == "smollm2"
-    cfg = _compose(["model.quantization=int4_w4a16", "model.quantization.rules.0.weight.block_size=32"])
+    cfg = _compose(["model.quantization=int4_w4a16",
+                    "model.quantization.rules.0.weight.block_size=32"])
     want = yaml.safe_load((RECIPE_DIR / "int4_w4a16.yaml").read_text())
     want["rules"][0]["weight"]["block_size"] = 32
     from omegaconf import OmegaConf

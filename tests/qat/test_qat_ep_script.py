@@ -8,6 +8,7 @@ import pytest
 
 from tests.distributed_utils import run_script
 
+
 def _run(args, timeout=300):
     return run_script("qat.py", args, nproc=2, timeout=timeout)
 

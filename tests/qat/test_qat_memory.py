@@ -43,8 +43,9 @@ def _forward_backward(model, keep_copy: bool):
     from unittest import mock
 
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(2))
-    patch = mock.patch("megaquant.nn.local._recompute_saved_weight",
-                       lambda *a: contextlib.nullcontext()) if keep_copy else contextlib.nullcontext()
+    patch = (mock.patch("megaquant.nn.local._recompute_saved_weight",
+                        lambda *a: contextlib.nullcontext())
+             if keep_copy else contextlib.nullcontext())
     model.zero_grad(set_to_none=True)
     refs = _track_fake_quantized_weights(model)
     with patch:

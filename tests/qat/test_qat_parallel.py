@@ -17,12 +17,13 @@ from tests.qat import helpers as h
 
 
 def _two_ranks(full, ckpt):
+    import yaml
+
     from megaquant.evaluate import evaluate_loss
     from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.recipe import RECIPE_DIR
     from megaquant.train.optim import build_optimizer
     from megaquant.train.state import load_train_state, save_train_state
-    import yaml
 
     init_distributed(timeout_s=200)
     out = {}
@@ -51,11 +52,12 @@ def _two_ranks(full, ckpt):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_qat_layouts_resume_and_reshard(megatron_single, tmp_path):
+    import yaml
+
     from megaquant.evaluate import evaluate_loss
     from megaquant.recipe import RECIPE_DIR
     from megaquant.train.optim import build_optimizer
     from megaquant.train.state import load_train_state
-    import yaml
 
     full = h.full_state()
     ckpt = str(tmp_path / "ckpt")

@@ -7,6 +7,7 @@ import pytest
 
 from tests.distributed_utils import run_script
 
+
 def _run(args, nproc=2, timeout=500):
     return run_script("qat.py", args, nproc=nproc, timeout=timeout)
 

@@ -13,9 +13,10 @@ expert-TP reduce-scatter adds float32 partial sums in another order (at EP=2, TP
 are equal). Unquantized, that stays at float32 rounding: losses (~5.5) within 5e-6 (10 ulp),
 grad norms (~1.8) within rtol 1e-6 (measured over 6 steps: 4.8e-7, one ulp, and 1.7e-7).
 Under nvfp4 QAT those last bits can move a weight across an NVFP4 rounding boundary, after
-which the runs differ by a quantization step: the first three steps are compared as tightly as at EP=2 (losses 1e-5, norms
-rtol 1e-6; measured: equal losses, norms within 7e-9), step 4 within 1e-3 / rtol 1e-2
-(measured 2.3e-4 / 1.3e-3). A wrong gradient shows in the first step's grad norm.
+which the runs differ by a quantization step: the first three steps are compared as tightly as
+at EP=2 (losses 1e-5, norms rtol 1e-6; measured: equal losses, norms within 7e-9), step 4
+within 1e-3 / rtol 1e-2 (measured 2.3e-4 / 1.3e-3). A wrong gradient shows in the first step's
+grad norm.
 """
 
 import pytest

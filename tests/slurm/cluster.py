@@ -88,7 +88,7 @@ def ensure_slurm(timeout: float = 300.0) -> str | None:
 def _node_line() -> str:
     """The node description from ``slurmd -C`` (first line), reachable on loopback."""
     out = _run(["slurmd", "-C"], 30).stdout.splitlines()
-    line = next(l for l in out if l.startswith("NodeName="))
+    line = next(ln for ln in out if ln.startswith("NodeName="))
     return f"{line} NodeAddr=127.0.0.1 State=UNKNOWN"
 
 
@@ -208,7 +208,8 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def cancel_jobs(self) -> None:
-        """Cancel every job of this (private) cluster, e.g. one whose ``sbatch --wait`` timed out."""
+        """Cancel every job of this (private) cluster, e.g. one whose ``sbatch --wait`` timed
+        out."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             _run(["scancel", "--full", "--user=root"], 10, self.env)
 

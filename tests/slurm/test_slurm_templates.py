@@ -26,7 +26,8 @@ from tests.slurm.cluster import SlurmCluster, ensure_slurm
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "scripts" / "slurm"
 DIST_JOB = "tests/slurm/dist_job.py"
-JOB_TIMEOUT_S = 420  # one job; a healthy one takes 20-50 s on 2 cores, far more when they are oversubscribed
+# one job; a healthy one takes 20-50 s on 2 cores, far more when they are oversubscribed
+JOB_TIMEOUT_S = 420
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.timeout(900)]
 

@@ -81,7 +81,8 @@ def converted_in_place_by_convert_model():
             return self.linear_proj(self.linear_qkv(x)[0])[0]
 
     model = Block()
-    w_qkv, w_proj = model.linear_qkv.weight.detach().clone(), model.linear_proj.weight.detach().clone()
+    w_qkv, w_proj = (model.linear_qkv.weight.detach().clone(),
+                     model.linear_proj.weight.detach().clone())
     rule = Rule(modules=("*",), roles={"input": QuantizerConfig("fp8", "dynamic"),
                                        "weight": QuantizerConfig("fp8", "dynamic")})
     recipe = Recipe(name="fp8-dyn", rules=(rule,))
@@ -129,8 +130,8 @@ def te_attention_kv_found_by_name():
     assert quant.kv_positions() == {"key": 1, "value": 2}
 
 
-SCENARIOS = [registration, te_attention_kv_found_by_name, grouped_experts_built_by_spec, spec_provider, built_by_spec_matches_reference,
-             converted_in_place_by_convert_model]
+SCENARIOS = [registration, te_attention_kv_found_by_name, grouped_experts_built_by_spec,
+             spec_provider, built_by_spec_matches_reference, converted_in_place_by_convert_model]
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from te_doubles import FakeTELayer, grouped_values, make_namespace
 
 from megaquant.formats import get_format
@@ -83,7 +82,8 @@ def test_conversion_fails_early_when_te_lacks_a_name():
     fn.__signature__ = fn.__signature__.replace(
         parameters=[p.replace(name="input_") if p.name == "inp" else p for p in params]
     )
-    with pytest.raises(TESignatureError, match=r"TE 2\.20\.2: _Linear\.forward has no parameter 'inp'.*'input_'"):
+    with pytest.raises(TESignatureError,
+                       match=r"TE 2\.20\.2: _Linear\.forward has no parameter 'inp'.*'input_'"):
         _convert(layer, QuantFakeTELinear)
 
 
@@ -99,7 +99,8 @@ class FakeMegatronTELayerNormLinear(torch.nn.Module):
         self.layer_norm_weight = torch.nn.Parameter(torch.rand(h) + 0.5)
         self.layer_norm_bias = torch.nn.Parameter(torch.randn(h))
         self.eps, self.normalization = 1e-5, normalization
-        self.zero_centered_gamma, self.use_bias, self.te_return_bias = zero_centered_gamma, True, False
+        self.zero_centered_gamma, self.use_bias, self.te_return_bias = (zero_centered_gamma,
+                                                                        True, False)
         self.tp_size, self.sequence_parallel, self._tp_group = 1, False, None
 
     def forward(self, x):
@@ -156,7 +157,8 @@ def test_layernorm_linear_unfused_route_quantizes_the_normalized_input(norm, zc)
 
 
 class FakeMegatronTEGroupedLinear(torch.nn.Module):
-    """Like ``TEColumnParallelGroupedLinear``: ``weight{i}`` per expert, ``forward(x, m_splits)``."""
+    """Like ``TEColumnParallelGroupedLinear``: ``weight{i}`` per expert, ``forward(x,
+    m_splits)``."""
 
     def __init__(self, version, weights):
         super().__init__()

@@ -1,9 +1,10 @@
 """megaquant.nn.te_layers / te_spec on Megatron's real TE classes over a stub TE, per protocol.
 
 One fresh process (the stub TE must not leak into this one) runs tests/te/stub_scenarios.py for
-one release per calling protocol: registration, the spec provider, a spec-built layer, a grouped MoE layer and
-``convert_model`` converting a built fused LayerNorm-linear + row-parallel block in place, all
-compared with a ``fake_quantize`` reference. ~10-25 s on a 2-core CPU (mostly importing Megatron).
+one release per calling protocol: registration, the spec provider, a spec-built layer, a grouped
+MoE layer and ``convert_model`` converting a built fused LayerNorm-linear + row-parallel block in
+place, all compared with a ``fake_quantize`` reference. ~10-25 s on a 2-core CPU (mostly
+importing Megatron).
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def test_wrapper_introspects_original_under_an_active_partial_patch(version):
     with patched(ns, "_Linear", outer):
         positions = resolve_live(LINEAR, ns, version)  # would fail on the partial's (*args)
         for grad in (True, False):
-            with torch.set_grad_enabled(grad), quantizing(ns, positions, {"weight": StepQuantizer(2.0)}):
+            with torch.set_grad_enabled(grad), quantizing(ns, positions,
+                                                          {"weight": StepQuantizer(2.0)}):
                 out = layer(x)
             torch.testing.assert_close(out, x @ reference_q(w, 2.0).t(), atol=1e-6, rtol=0)
             assert ns._Linear is outer
