@@ -61,6 +61,11 @@ class QuantModuleMixin:
             if isinstance(q, TensorQuantizer) and qname:
                 yield qname, qname.split(".")[0].rsplit("_quantizer", 1)[0], q
 
+    # True when the transformer layers of this layer's stack carry different quantizer states
+    # (a mixed-precision recipe): its amax is then stored under a per-layer key instead of one
+    # tensor stacked over layers. Set by megaquant.convert.apply_recipe; plain state otherwise.
+    per_layer_amax: bool = False
+
     def _shard_quantizer_state(self, sharded: dict, prefix: str, sharded_offsets, metadata) -> dict:
         """Fix up the quantizer entries of a parent's ``sharded_state_dict`` result.
 
@@ -68,9 +73,18 @@ class QuantModuleMixin:
         per-tensor amax (TP ranks agree after calibration) but wrong for a per-channel amax
         split with the weight's output channels, and impossible for an amax that is still empty
         (uncalibrated or dynamic): those entries are dropped.
-        """
-        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
+        Megatron stacks every tensor of a transformer layer over layers (the first of
+        ``sharded_offsets`` is ``(0, layer, num_layers)``), which needs every layer to hold an
+        amax of the same shape. Where layers differ (``per_layer_amax``), the layer axis is
+        dropped and the global layer index goes into the key (``....amax.layer3``) instead.
+        """
+        from megatron.core.utils import (
+            make_sharded_tensor_for_checkpoint,
+            make_tp_sharded_tensor_for_checkpoint,
+        )
+
+        groups = {"tp_group": self.tp_group, "dp_cp_group": (metadata or {}).get("dp_cp_group")}
         for qname, role, q in self.quantizers():
             key = f"{prefix}{qname}.amax"
             if key not in sharded:
@@ -78,22 +92,38 @@ class QuantModuleMixin:
             if not q.has_amax:
                 del sharded[key]
                 continue
+            ckpt_key, offsets = key, tuple(sharded_offsets)
+            if self.per_layer_amax and offsets:
+                ckpt_key, offsets = per_layer_key(key, offsets)
             axis = sharded_amax_axis(q.fmt, self.partition_axes.get(role), q.amax.dim())
             if axis is None:
+                if ckpt_key != key:
+                    sharded[key] = make_sharded_tensor_for_checkpoint(
+                        q.amax, ckpt_key, prepend_offsets=offsets, **groups)
                 continue
             sharded[key] = make_tp_sharded_tensor_for_checkpoint(
-                q.amax, key, tp_axis=axis, prepend_offsets=sharded_offsets,
-                tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
-            )
+                q.amax, ckpt_key, tp_axis=axis, prepend_offsets=offsets, **groups)
             if axis == 0 and self._is_gated_fc1(prefix):
                 # Each rank's fc1 rows are [gate_r; up_r]: describe the amax rows the way
                 # Megatron's MLP describes the fc1 weight, or resharding would mix gate and up.
                 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], offsets)
         return sharded
 
     def _is_gated_fc1(self, prefix: str) -> bool:
         # The same test Megatron's MLP.sharded_state_dict applies to its fc1 weight.
         config = getattr(self, "config", None)
         return bool(getattr(config, "gated_linear_unit", False)) and prefix.endswith("linear_fc1.")
+
+
+def per_layer_key(key: str, sharded_offsets: tuple) -> tuple[str, tuple]:
+    """``(key with the global layer index, offsets without the layer axis)``.
+
+    ``sharded_offsets[0]`` is the ``(axis 0, global layer, num_layers)`` entry a transformer
+    block prepends; later entries (an expert's ``(axis, expert, num_experts)``) move up one axis.
+    """
+    axis, layer, _ = sharded_offsets[0]
+    assert axis == 0, f"expected the layer axis first in {sharded_offsets}"
+    rest = tuple((a - 1, off, size) for a, off, size in sharded_offsets[1:])
+    return f"{key}.layer{layer}", rest
