@@ -90,3 +90,41 @@ def test_ptq_script_refuses_pipeline_parallel_until_stages_exist(tmp_path):
     assert res.returncode != 0
     assert "parallel.pp=2: pipeline parallelism is not supported" in res.stdout + res.stderr
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+@pytest.mark.timeout(300)
+def test_ptq_script_takes_a_recipe_file_outside_recipes(tmp_path):
+    """``+recipe=PATH`` (as the mixed-precision search writes): the file's recipe is the one run."""
+    import yaml
+
+    from megaquant.recipe import RECIPE_DIR
+
+    recipe = yaml.safe_load((RECIPE_DIR / "int8.yaml").read_text())
+    recipe["name"] = "my_int8"
+    path = tmp_path / "elsewhere" / "my recipe.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(recipe))
+    res = _run(_tiny_args(tmp_path, str(path), "run.save_checkpoint=false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["recipe"] == "my_int8"
+    assert summary["recipe_config"]["rules"][0]["weight"]["format"] == "int8"
+    missing = _run(_tiny_args(tmp_path, str(tmp_path / "nope.yaml")))
+    assert missing.returncode != 0 and "nope.yaml" in missing.stderr
+    assert "does not exist" in missing.stderr
+
+
+def test_recipe_path_overrides_register_files_for_ptq_and_qat(tmp_path):
+    from hydra.core.config_store import ConfigStore
+
+    from megaquant.jobs.hydra import recipe_path_overrides
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nrules: [{modules: '*', weight: {format: fp8}}]\n")
+    assert recipe_path_overrides(["+recipe=nvfp4", "x=1.yaml"]) == ["+recipe=nvfp4", "x=1.yaml"]
+    assert recipe_path_overrides([f"+recipe={path}"]) == ["+recipe=_file_r"]
+    qat = recipe_path_overrides([f"model/quantization={path}"], keys=("model/quantization",),
+                                group="model/quantization")
+    assert qat == ["model/quantization=_file_r"]
+    node = ConfigStore.instance().load("model/quantization/_file_r.yaml").node
+    assert node.name == "r"
