@@ -55,14 +55,23 @@ DEFAULT_EXCLUDE = ["*output_layer*", "*router*"]
 # saved by an older megaquant still loads (and compares equal to its upgraded spelling).
 #   1: the schema before versions (no ``version`` key)
 #   2: ``version`` key added; nothing else changed
-RECIPE_VERSION = 2
+#   3: ``auto`` key (what the mixed-precision search chose and why; {} when hand-written)
+RECIPE_VERSION = 3
 
 
 def _v1_to_v2(d: dict) -> dict:
     return {**d, "version": 2}
 
 
-_UPGRADES = {1: _v1_to_v2}  # version -> function returning the next version's mapping
+def _v2_to_v3(d: dict) -> dict:
+    return {**d, "version": 3, "auto": d.get("auto", {})}
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> function returning the next version
+
+# The ``auto`` header a mixed-precision search writes (megaquant.auto.search): data, not rules.
+# Its keys are checked; the values are the search's report (budget, bits, scores per group).
+AUTO_KEYS = ("formats", "budget_bits", "effective_bits", "score", "params", "groups")
 
 
 def upgrade(d: dict) -> dict:
@@ -162,8 +171,13 @@ class Recipe:
     description: str = ""
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = RECIPE_VERSION
+    auto: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        unknown = sorted(set(self.auto) - set(AUTO_KEYS))
+        if unknown:
+            raise ValueError(f"recipe {self.name!r} auto: unknown key(s) {unknown}; valid keys: "
+                             f"{list(AUTO_KEYS)}")
         if not isinstance(self.calib, CalibConfig):
             raise TypeError(f"recipe {self.name!r}: calib must be a CalibConfig, got "
                             f"{type(self.calib).__name__}; use CalibConfig.from_dict(...)")
@@ -188,6 +202,7 @@ class Recipe:
             exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
             description=d.get("description", ""),
             calib=CalibConfig.from_dict(d.get("calib"), f"recipe {name!r} calib"),
+            auto=dict(d.get("auto") or {}),
         )
 
     def to_dict(self) -> dict:
@@ -195,7 +210,7 @@ class Recipe:
         and compare: two spellings of one recipe give the same dict)."""
         return {"version": self.version, "name": self.name, "description": self.description,
                 "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude),
-                "calib": self.calib.to_dict()}
+                "calib": self.calib.to_dict(), "auto": self.auto}
 
     def is_excluded(self, name: str) -> str | None:
         """The exclude pattern that matches ``name``, or None."""
