@@ -59,8 +59,7 @@ def test_search_recipe_is_the_optimum_of_its_scores_within_budget(megatron_singl
     assert sum(g["bits"] * g["params"] for g in table) / params == pytest.approx(
         auto["effective_bits"], rel=1e-5)
     # Brute force over all 3^8 assignments of the recorded fisher scores.
-    options = [[(g["bits"] if f == g["format"] else None, g["scores"]["fisher"][f]) for f in FORMATS]
-               for g in table]
+    options = [{f: g["scores"]["fisher"][f] for f in FORMATS} for g in table]
     per_bit = {"nvfp4": None, "fp8": None, "none": 16.0}
     for g in table:  # recover each candidate's bits from the chosen ones of its kind
         per_bit[g["format"]] = per_bit[g["format"]] or g["bits"]
@@ -161,7 +160,8 @@ def test_search_tp2_and_ep2_decide_as_one_process(megatron_single):
     model = build_gpt_model(tiny_moe_config(), get_spec_provider("local"), tp_size=1)
     model.load_state_dict(moe_full, strict=False)
     moe_ref = _search(model, megatron_single, compare=True)
-    expert_groups = [g for g in moe_ref.recipe["auto"]["groups"] if g["modules"].endswith("experts.*")]
+    expert_groups = [g for g in moe_ref.recipe["auto"]["groups"]
+                     if g["modules"].endswith("experts.*")]
     assert len(expert_groups) == 2  # all experts of a layer (fc1 and fc2) are one choice
     for rank_result in run_ranks(_ep2_scores, 2, (moe_full,), timeout_s=400):
         _assert_same_search(rank_result, (moe_ref.recipe, moe_ref.scores))
