@@ -46,6 +46,7 @@ def apply_state(layer, state) -> None:
     for qname, _, q in layer.quantizers():
         if state is None or qname not in state:
             q.configure(None, "off")
+            q.amax = q.amax.new_empty(0)  # an off quantizer keeps no stale amax (checkpoints)
             continue
         fmt, mode, amax = state[qname]
         q.configure(fmt, mode)

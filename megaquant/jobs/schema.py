@@ -12,7 +12,7 @@ A new job key goes here first (with its default), then into the YAML file that d
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -61,6 +61,19 @@ class PTQRunConfig:
 
 
 @dataclass
+class AutoJobConfig:
+    """``auto``: the mixed-precision search (megaquant.auto.search.AutoConfig; off while
+    ``formats`` is empty). It writes ``recipe.yaml`` beside the checkpoint."""
+
+    formats: List[str] = field(default_factory=list)  # candidates: recipe names or "none"
+    effective_bits: float = 0.0  # weight bits per parameter of the quantized linears
+    score: str = "fisher"  # fisher | output | kl
+    kl_batches: int = 2
+    pin: Dict[str, str] = field(default_factory=dict)  # module glob -> candidate
+    compare: bool = False  # also compute the other scores (for the comparison table)
+
+
+@dataclass
 class PTQJob:
     """``configs/ptq.yaml``; the recipe is chosen with ``+recipe=NAME`` (free-form here)."""
 
@@ -69,6 +82,7 @@ class PTQJob:
     data: DataConfig = field(default_factory=DataConfig)
     run: PTQRunConfig = field(default_factory=PTQRunConfig)
     recipe: Any = None
+    auto: AutoJobConfig = field(default_factory=AutoJobConfig)
 
 
 @dataclass
@@ -117,7 +131,7 @@ class ExportJob:
     layouts: Any = "auto"  # "auto" or a list of layout names
     overwrite: bool = False
     max_shard_bytes: int = 5 * 1024**3
-    dtype: str = "auto"  # unquantized tensors: auto (the source's dtype) | bfloat16 | float16 | float32
+    dtype: str = "auto"  # unquantized tensors: auto (source dtype) | bfloat16 | float16 | float32
     tokenizer: str = "auto"
     timeout_s: float = 600.0
 

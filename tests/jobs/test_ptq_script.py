@@ -128,3 +128,28 @@ def test_recipe_path_overrides_register_files_for_ptq_and_qat(tmp_path):
     assert qat == ["model/quantization=_file_r"]
     node = ConfigStore.instance().load("model/quantization/_file_r.yaml").node
     assert node.name == "r"
+
+
+@pytest.mark.timeout(400)
+def test_ptq_script_auto_writes_a_recipe_that_reruns_the_same(tmp_path):
+    """``auto.formats=[...] auto.effective_bits=...``: the search's recipe.yaml lands beside the
+    checkpoint, and running it back with ``+recipe=PATH`` gives the same quantized loss."""
+    import yaml
+
+    args = [a for a in _tiny_args(tmp_path) if not a.startswith("+recipe=")]
+    res = _run(args + ["auto.formats=[nvfp4,fp8]", "auto.effective_bits=6.0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert summary["auto"]["effective_bits"] <= 6.0 and written["auto"]["budget_bits"] == 6.0
+    assert {g["format"] for g in written["auto"]["groups"]} == {"nvfp4", "fp8"}
+    assert "Mixed precision" in (out / "report.md").read_text()
+    again = _run(_tiny_args(tmp_path, str(out / "recipe.yaml"), "run.save_checkpoint=false",
+                            f"run.output_dir={tmp_path / 'again'}"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    s2 = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert s2["recipe_config"]["rules"] == summary["recipe_config"]["rules"]
+    assert abs(s2["eval"]["loss_quant"] - summary["eval"]["loss_quant"]) < 1e-6
+    bad = _run(args + ["auto.formats=[nvfp4,fp8]", "auto.effective_bits=3.0"],)
+    assert bad.returncode != 0 and "outside what candidates" in bad.stderr
