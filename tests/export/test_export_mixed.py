@@ -46,7 +46,8 @@ def exported(megatron_single, tmp_path_factory):
 
 
 def _quantized(ref):
-    mods = sorted(k[:-len(".weight")] for k in ref if ".layers." in k and k.endswith("_proj.weight"))
+    mods = sorted(k[:-len(".weight")] for k in ref
+                  if ".layers." in k and k.endswith("_proj.weight"))
     return [m for m in mods if m != "model.layers.0.mlp.down_proj"]
 
 
