@@ -176,7 +176,36 @@ def _auto_config(cfg: DictConfig):
 
     values = OmegaConf.to_container(block, resolve=True)
     compare = values.pop("compare", False)
-    return AutoConfig(**values), compare
+    auto = AutoConfig(**values)
+    check_exportable_mix(auto.formats)
+    return auto, compare
+
+
+def check_exportable_mix(candidates) -> None:
+    """Refuse candidates that no export layout can write together in one model.
+
+    A mixed model is written by a layout only if that layout writes every candidate's scheme
+    (``megaquant.export.layouts``); candidates that are not exportable at all are left to the
+    exporter's own message.
+    """
+    from megaquant.export import layouts as L
+    from megaquant.export.schemes import scheme_of
+    from megaquant.recipe import load_recipe
+
+    schemes = {}
+    for name in candidates:
+        if name == "none":
+            continue
+        roles = load_recipe(name).resolve("decoder.layers.0.self_attention.linear_qkv")
+        fmts = [None if roles[r] is None else roles[r].build_format() for r in ("weight", "input")]
+        scheme = scheme_of(*fmts) if fmts[0] is not None else None
+        if scheme is not None:
+            schemes[name] = scheme
+    writers = {lay: [c for c, s in schemes.items() if L.supports(lay, s)] for lay in L.LAYOUTS}
+    if schemes and not any(len(w) == len(schemes) for w in writers.values()):
+        raise ValueError(f"auto.formats {list(candidates)}: no export layout writes all of them "
+                         f"in one model (schemes {schemes}; each layout writes {writers}); "
+                         "choose candidates one layout holds together")
 
 
 def _search_recipe(model, auto, batches, groups, out: Path):

@@ -165,3 +165,17 @@ def test_search_tp2_and_ep2_decide_as_one_process(megatron_single):
     assert len(expert_groups) == 2  # all experts of a layer (fc1 and fc2) are one choice
     for rank_result in run_ranks(_ep2_scores, 2, (moe_full,), timeout_s=400):
         _assert_same_search(rank_result, (moe_ref.recipe, moe_ref.scores))
+
+
+def test_search_candidates_the_layouts_cannot_mix_are_refused(monkeypatch):
+    from megaquant.export import modelopt_layout
+    from megaquant.jobs.ptq import check_exportable_mix
+
+    check_exportable_mix(("nvfp4", "fp8_per_channel", "none"))  # compressed-tensors holds both
+    # Were compressed-tensors unable to write NVFP4, nothing could hold this pair.
+    from megaquant.export import ct_layout
+
+    monkeypatch.delitem(ct_layout.DTYPES, "nvfp4")
+    assert "fp8_per_channel" in modelopt_layout.REFUSED
+    with pytest.raises(ValueError, match=r"no export layout writes all of them"):
+        check_exportable_mix(("nvfp4", "fp8_per_channel"))
