@@ -16,6 +16,7 @@ rules. Both steps report what they did in a :class:`ConversionReport`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -129,3 +130,36 @@ def apply_recipe(model: nn.Module, recipe: Recipe, report: ConversionReport) -> 
                 if fixed is not None:  # kv_cache scale: unit; calibration leaves it alone
                     quantizer.load_amax(torch.tensor(fixed))
                     quantizer.fixed_amax = True
+    mark_per_layer_state(model)
+
+
+_LAYER_INDEX = re.compile(r"(^|\.)(layers|local_experts)\.\d+\.")
+
+
+def _state_signature(module: nn.Module) -> tuple:
+    """What decides the shape of a layer's amax buffers: each quantizer's format and mode."""
+    if not isinstance(module, QuantModuleMixin):
+        return ("unconverted",)
+    return tuple((qname, q.mode, repr(q.fmt) if q.is_enabled else None)
+                 for qname, _, q in module.quantizers())
+
+
+def mark_per_layer_state(model: nn.Module) -> None:
+    """Set ``per_layer_amax`` on every quantized layer whose stack differs over layers.
+
+    Layers are stacked by their name with the transformer-layer and expert indices removed
+    (``decoder.layers.3.mlp.linear_fc1`` -> ``decoder.layers.#.mlp.linear_fc1``); a stack whose
+    members do not all carry the same quantizer formats and modes checkpoints its amax per
+    layer (:meth:`megaquant.nn.base.QuantModuleMixin._shard_quantizer_state`). Uniform recipes
+    keep the stacked keys, so their checkpoints are unchanged. Every rank walks the same module
+    names and recipe, so every rank decides the same (no pipeline split of layers here).
+    """
+    stacks: dict[str, list[nn.Module]] = {}
+    for name, module in model.named_modules():
+        if _is_candidate(module) and _LAYER_INDEX.search(name):
+            stacks.setdefault(_LAYER_INDEX.sub(r"\1\2.#.", name), []).append(module)
+    for members in stacks.values():
+        mixed = len({_state_signature(m) for m in members}) > 1
+        for m in members:
+            if isinstance(m, QuantModuleMixin):
+                m.per_layer_amax = mixed

@@ -64,6 +64,7 @@ DEFAULT_EXCLUDE = ["*output_layer*", "*router*"]
 #   3: ``kv_cache`` (KV-cache quantization; default none); calibration algorithms
 #      rotate_residual/rotate_heads/block_hadamard, gptq sequential/act_order, NVFP4
 #      scale_rule 4over6
+#      ``auto`` key (what the mixed-precision search chose and why; {} when hand-written)
 RECIPE_VERSION = 3
 
 
@@ -72,10 +73,14 @@ def _v1_to_v2(d: dict) -> dict:
 
 
 def _v2_to_v3(d: dict) -> dict:
-    return {"kv_cache": None, **d, "version": 3}
+    return {"kv_cache": None, **d, "version": 3, "auto": d.get("auto", {})}
 
 
-_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> function returning the next version's mapping
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> function returning the next version
+
+# The ``auto`` header a mixed-precision search writes (megaquant.auto.search): data, not rules.
+# Its keys are checked; the values are the search's report (budget, bits, scores per group).
+AUTO_KEYS = ("formats", "budget_bits", "effective_bits", "score", "params", "groups")
 
 
 def upgrade(d: dict) -> dict:
@@ -204,8 +209,13 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     version: int = RECIPE_VERSION
     kv_cache: KVCacheConfig | None = None
+    auto: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        unknown = sorted(set(self.auto) - set(AUTO_KEYS))
+        if unknown:
+            raise ValueError(f"recipe {self.name!r} auto: unknown key(s) {unknown}; valid keys: "
+                             f"{list(AUTO_KEYS)}")
         if not isinstance(self.calib, CalibConfig):
             raise TypeError(f"recipe {self.name!r}: calib must be a CalibConfig, got "
                             f"{type(self.calib).__name__}; use CalibConfig.from_dict(...)")
@@ -232,6 +242,7 @@ class Recipe:
             description=d.get("description", ""),
             calib=CalibConfig.from_dict(d.get("calib"), f"recipe {name!r} calib"),
             kv_cache=KVCacheConfig.from_dict(d.get("kv_cache"), f"recipe {name!r} kv_cache"),
+            auto=dict(d.get("auto") or {}),
         )
 
     def to_dict(self) -> dict:
@@ -240,7 +251,8 @@ class Recipe:
         return {"version": self.version, "name": self.name, "description": self.description,
                 "rules": [r.to_dict() for r in self.rules], "exclude": list(self.exclude),
                 "calib": self.calib.to_dict(),
-                "kv_cache": None if self.kv_cache is None else self.kv_cache.to_dict()}
+                "kv_cache": None if self.kv_cache is None else self.kv_cache.to_dict(),
+                "auto": self.auto}
 
     def is_excluded(self, name: str) -> str | None:
         """The exclude pattern that matches ``name``, or None."""

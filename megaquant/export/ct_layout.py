@@ -119,16 +119,32 @@ def _group_args(scheme: str, block_size: int | None) -> tuple[dict, dict | None]
     return _args(4, "int", "group", block_size), None
 
 
-def quantization_config(scheme: str, ignore: list[str], *, block_size: int | None) -> dict:
-    """``config.json``'s ``quantization_config`` for the whole model (one scheme + ignored)."""
+def _group(scheme: str, block_size: int | None, targets: list[str]) -> dict:
     weights, inputs = _group_args(scheme, block_size)
-    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
-             "output_activations": None, "format": FORMAT[scheme]}
-    return {"quant_method": "compressed-tensors", "format": FORMAT[scheme],
-            "quantization_status": "compressed", "config_groups": {"group_0": group},
+    return {"targets": targets, "weights": weights, "input_activations": inputs,
+            "output_activations": None, "format": FORMAT[scheme]}
+
+
+def _config(fmt: str, groups: dict, ignore: list[str]) -> dict:
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "quantization_status": "compressed", "config_groups": groups,
             "ignore": sorted(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,
             "sparsity_config": {}, "transform_config": {},
             "version": f"megaquant-{megaquant.__version__}"}
+
+
+def quantization_config(scheme: str, ignore: list[str], *, block_size: int | None) -> dict:
+    """``config.json``'s ``quantization_config`` for the whole model (one scheme + ignored)."""
+    return _config(FORMAT[scheme], {"group_0": _group(scheme, block_size, ["Linear"])}, ignore)
+
+
+def mixed_quantization_config(schemes: dict, ignore: list[str]) -> dict:
+    """Mixed precision: one config group per scheme, targeting its HF modules by name (the
+    library matches a target against module names as well as class names); the top-level
+    ``format`` is ``mixed-precision``, each group carrying its own."""
+    groups = {f"group_{i}": _group(scheme, block, names)
+              for i, (scheme, (names, block)) in enumerate(schemes.items())}
+    return _config("mixed-precision", groups, ignore)
 
 
 def notes(scheme: str) -> list[str]:

@@ -128,7 +128,7 @@ def _layer_scheme(name, layer):
                     getattr(layer, "output_quantizer", None))
 
 
-def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
+def _quantize_layer(name: str, layer, arch, scheme: str) -> list[L.QuantLinear]:
     """The HF linears of one quantized Megatron layer, each quantized on its own rows."""
     hf_names, split = hf_targets(name, arch)
     if layer.weight is None:
@@ -144,7 +144,7 @@ def _quantize_layer(name: str, layer, arch) -> list[L.QuantLinear]:
     # Learned per-block weight amax (QAT with learnable scales) are written as they were learned.
     blocks = getattr(wq, "block_amax", None)
     blocks = (None,) * len(weights) if blocks is None else split_rows(blocks.detach(), split, arch)
-    out = [L.QuantLinear(n, quantize_learned(wq.fmt, w, a, b), in_scale, block, in_fmt)
+    out = [L.QuantLinear(n, quantize_learned(wq.fmt, w, a, b), in_scale, block, in_fmt, scheme)
            for n, w, a, b in zip(hf_names, weights, amaxes, blocks)]
     for q in out:
         _check_no_nan_marker(q)
@@ -172,7 +172,11 @@ def _check_no_nan_marker(q: L.QuantLinear) -> None:
 
 
 def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], list[str]]:
-    """(the model's one scheme, its quantized HF linears, HF names of unquantized linears)."""
+    """(the model's scheme, its quantized HF linears, HF names of unquantized linears).
+
+    A mixed-precision model (layers in different schemes) has the scheme ``"a+b"`` (sorted);
+    each :class:`~megaquant.export.layouts.QuantLinear` carries its own ``scheme``.
+    """
     layers, excluded, schemes = [], list(router_names(arch)), {}
     for name, layer in _linear_modules(model):
         _check_tp1(name, layer)
@@ -185,13 +189,12 @@ def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], lis
     if not layers:
         raise ValueError("the model has no quantized linear: quantize it first "
                          "(megaquant.quantize or ptq.load_quantized) before exporting")
-    if len(schemes) > 1:
-        raise ValueError(f"mixed schemes are not exported (one quantization_config per model): "
-                         f"{ {k: v[:2] for k, v in schemes.items()} }")
-    scheme = next(iter(schemes))
-    _check_whole_blocks(scheme, layers)
-    quantized = [q for name, layer in layers for q in _quantize_layer(name, layer, arch)]
-    return scheme, quantized, sorted(set(excluded))
+    scheme_of_layer = {n: s for s, names in schemes.items() for n in names}
+    for s, names in sorted(schemes.items()):
+        _check_whole_blocks(s, [(n, lay) for n, lay in layers if n in names])
+    quantized = [q for name, layer in layers
+                 for q in _quantize_layer(name, layer, arch, scheme_of_layer[name])]
+    return "+".join(sorted(schemes)), quantized, sorted(set(excluded))
 
 
 def _check_whole_blocks(scheme: str, layers) -> None:
@@ -231,7 +234,7 @@ def _layout_tensors(hf_state: dict, quantized: list[L.QuantLinear], layout: str,
     tensors = dict(hf_state)
     for q in quantized:
         del tensors[f"{q.name}.weight"]
-        for k, t in L.module_tensors(layout, scheme, q).items():
+        for k, t in L.module_tensors(layout, q.scheme, q).items():
             tensors[f"{q.name}.{k}"] = t
     return tensors
 
@@ -240,10 +243,10 @@ def check_claims(tensors: dict, quantized: list[L.QuantLinear], excluded: list[s
                  scheme: str, out_dtype: torch.dtype) -> None:
     """Every claimed module holds the layout's tensors and dtypes; excluded ones stay float."""
     for q in quantized:
-        for k, dtype in L.required_dtypes(layout, scheme).items():
+        for k, dtype in L.required_dtypes(layout, q.scheme).items():
             t = tensors.get(f"{q.name}.{k}")
             if t is None or t.dtype != dtype:
-                raise RuntimeError(f"refusing to write {layout}/{scheme}: {q.name}.{k} is "
+                raise RuntimeError(f"refusing to write {layout}/{q.scheme}: {q.name}.{k} is "
                                    f"{None if t is None else t.dtype}, the layout needs {dtype}")
     for name in excluded:
         t = tensors.get(f"{name}.weight")
@@ -263,18 +266,27 @@ def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
 
 
 def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str], dict]:
-    """('auto' or a list) -> (layouts to write, {layout: why not}); refuses an unwritable
-    request."""
+    """('auto' or a list) -> (layouts to write, {layout: why not}); refuses an unwritable request.
+
+    ``scheme`` may be mixed (``"fp8+nvfp4"``): a layout writes it when it writes every part.
+    """
+    parts = scheme.split("+")
     asked = list(L.LAYOUTS) if layouts in ("auto", None) else list(layouts)
     for lay in asked:
-        L.supports(lay, scheme)  # ValueError for an unknown layout name
-    chosen = [lay for lay in asked if L.supports(lay, scheme, dtype)]
-    skipped = {lay: (L.why_not(lay, scheme, dtype) if not L.supports(lay, scheme, dtype)
-                     else f"not requested (layouts={asked})")
+        L.supports(lay, parts[0])  # ValueError for an unknown layout name
+
+    def ok(lay):
+        return all(L.supports(lay, s, dtype) for s in parts)
+
+    def why(lay):
+        return "; ".join(L.why_not(lay, s, dtype) for s in parts if not L.supports(lay, s, dtype))
+
+    chosen = [lay for lay in asked if ok(lay)]
+    skipped = {lay: why(lay) if not ok(lay) else f"not requested (layouts={asked})"
                for lay in L.LAYOUTS if lay not in chosen}
     if not chosen or (layouts not in ("auto", None) and len(chosen) < len(asked)):
-        cannot = [lay for lay in asked if not L.supports(lay, scheme, dtype)]
-        can = [lay for lay in L.LAYOUTS if L.supports(lay, scheme, dtype)]
+        cannot = [lay for lay in asked if not ok(lay)]
+        can = [lay for lay in L.LAYOUTS if ok(lay)]
         raise ValueError(f"scheme {scheme} with dtype={dtype_name(dtype)} cannot be written as "
                          f"{cannot}: {[skipped.get(lay, lay) for lay in cannot]}; layouts that can "
                          f"write it: {can or 'none'}"
@@ -360,7 +372,7 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
                           engine_files=sorted(Path(f).name for f in engine_files),
                           untied=untied, online_transforms=transforms,
                           kv_cache=kv and kv.format)
-    block = quantized[0].block_size
+    by_scheme = L.by_scheme(quantized)
     input_rules = {getattr(q.input_format, "scale_rule", None) for q in quantized} - {None}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for layout in chosen:
@@ -376,14 +388,13 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             files = write_safetensors(d, tensors, max_shard_bytes)
             config = hf_config(arch, torch_dtype=dtype_name(out_dtype), tokenizer=tokenizer)
             config["dtype"] = config["torch_dtype"]  # transformers 5 reads dtype, 4.x torch_dtype
-            config["quantization_config"] = L.quantization_config(layout, scheme, excluded,
-                                                                  block_size=block)
+            config["quantization_config"] = L.quantization_config(layout, by_scheme, excluded)
             config["quantization_config"].update(KV.config_fields(layout, kv))
             if transforms and layout == "compressed-tensors":
                 config["quantization_config"]["transform_config"] = transform_config(transforms)
             write_json(d / "config.json", config)
             if layout == "modelopt":
-                hf_quant = L.hf_quant_config(scheme, excluded, block_size=block)
+                hf_quant = L.hf_quant_config(by_scheme, excluded)
                 hf_quant["quantization"].update(KV.config_fields(layout, kv))
                 write_json(d / "hf_quant_config.json", hf_quant)
             if tokenizer is not None:
@@ -391,7 +402,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
             for f in engine_files:
                 shutil.copyfile(f, d / Path(f).name)
             report.layouts[layout] = {"files": files, **_bits(tensors, quantized, params),
-                                      "notes": L.activation_notes(layout, scheme, input_rules)}
+                                      "notes": [n for s in by_scheme for n in
+                                                L.activation_notes(layout, s, input_rules)]}
         write_json(tmp / "export_report.json", report.to_dict())
         write_manifest(tmp)  # SHA-256 of every file; check with `megaquant verify DIR`
     return report

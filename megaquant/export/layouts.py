@@ -53,6 +53,15 @@ class QuantLinear:
     input_scale: Tensor | None
     block_size: int | None = None
     input_format: QuantFormat | None = None  # the input quantizer's format (None: unquantized)
+    scheme: str = ""  # this linear's scheme (megaquant.export.schemes); mixed models differ
+
+
+def by_scheme(quantized: list[QuantLinear]) -> dict[str, tuple[list[str], int | None]]:
+    """scheme -> (HF module names, block size), sorted: what a config states per scheme."""
+    out: dict[str, tuple[list[str], int | None]] = {}
+    for q in quantized:
+        out.setdefault(q.scheme, ([], q.block_size))[0].append(q.name)
+    return {s: (sorted(names), block) for s, (names, block) in sorted(out.items())}
 
 
 def _module(layout: str):
@@ -89,15 +98,35 @@ def required_dtypes(layout: str, scheme: str) -> dict[str, torch.dtype]:
     return _module(layout).DTYPES[scheme]
 
 
-def quantization_config(layout: str, scheme: str, ignore: list[str], *,
-                        block_size: int | None) -> dict:
-    """``config.json``'s ``quantization_config`` for the whole model (one scheme + ignored)."""
-    return _module(layout).quantization_config(scheme, ignore, block_size=block_size)
+def _as_schemes(schemes, block_size) -> dict:
+    return {schemes: ([], block_size)} if isinstance(schemes, str) else schemes
 
 
-def hf_quant_config(scheme: str, ignore: list[str], *, block_size: int | None = None) -> dict:
-    """ModelOpt's ``hf_quant_config.json``."""
-    return modelopt_layout.hf_quant_config(scheme, ignore, block_size=block_size)
+def quantization_config(layout: str, schemes: "dict | str", ignore: list[str], *,
+                        block_size: int | None = None) -> dict:
+    """``config.json``'s ``quantization_config`` for the whole model.
+
+    ``schemes``: :func:`by_scheme`'s mapping (or one scheme name with its ``block_size``).
+    One scheme: one config for every linear but
+    ``ignore``; several (mixed precision): the layout's per-layer form (compressed-tensors: a
+    config group per scheme targeting its modules; ModelOpt: ``MIXED_PRECISION`` with
+    ``quantized_layers``).
+    """
+    mod, schemes = _module(layout), _as_schemes(schemes, block_size)
+    if len(schemes) == 1:
+        (scheme, (_, block)), = schemes.items()
+        return mod.quantization_config(scheme, ignore, block_size=block)
+    return mod.mixed_quantization_config(schemes, ignore)
+
+
+def hf_quant_config(schemes: "dict | str", ignore: list[str], *,
+                    block_size: int | None = None) -> dict:
+    """ModelOpt's ``hf_quant_config.json`` (``schemes`` as for :func:`quantization_config`)."""
+    schemes = _as_schemes(schemes, block_size)
+    if len(schemes) == 1:
+        (scheme, (_, block)), = schemes.items()
+        return modelopt_layout.hf_quant_config(scheme, ignore, block_size=block)
+    return modelopt_layout.mixed_hf_quant_config(schemes, ignore)
 
 
 _CT_MX_RULE = ("vLLM computes MX activation block scales at run time with its kernels' E8M0 "

@@ -92,24 +92,48 @@ def tensors(scheme: str, q) -> dict[str, Tensor]:
     return out
 
 
-def hf_quant_config(scheme: str, ignore: list[str], *, block_size: int | None) -> dict:
-    """``hf_quant_config.json`` (TensorRT-LLM reads it; vLLM detects ModelOpt by it)."""
-    quant = {"quant_algo": ALGO[scheme], "kv_cache_quant_algo": None,
-             "exclude_modules": sorted(ignore)}
+def _algo(scheme: str, block_size: int | None) -> dict:
+    """``quant_algo`` and its group options for one scheme."""
+    quant = {"quant_algo": ALGO[scheme]}
     if scheme in ("nvfp4", "nvfp4_w4a16"):
         quant["group_size"] = 16
     elif scheme == "mxfp8":
         quant["group_size"] = 32
     elif scheme == "int4_w4a16":
         quant.update(group_size=block_size, has_zero_point=False, pre_quant_scale=True)
-    return {"producer": {"name": "megaquant", "version": megaquant.__version__},
-            "quantization": quant}
+    return quant
+
+
+def _producer() -> dict:
+    return {"name": "megaquant", "version": megaquant.__version__}
+
+
+def hf_quant_config(scheme: str, ignore: list[str], *, block_size: int | None) -> dict:
+    """``hf_quant_config.json`` (TensorRT-LLM reads it; vLLM detects ModelOpt by it)."""
+    quant = {**_algo(scheme, block_size), "kv_cache_quant_algo": None,
+             "exclude_modules": sorted(ignore)}
+    return {"producer": _producer(), "quantization": quant}
+
+
+def mixed_hf_quant_config(schemes: dict, ignore: list[str]) -> dict:
+    """Mixed precision as ModelOpt writes it: ``quant_algo: MIXED_PRECISION`` and, per HF
+    linear, its own ``quant_algo`` (+ ``group_size``) under ``quantized_layers`` (TensorRT-LLM's
+    per-layer quant config; vLLM's ModelOptMixedPrecisionConfig)."""
+    layers = {name: _algo(scheme, block) for scheme, (names, block) in schemes.items()
+              for name in names}
+    quant = {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
+             "quantized_layers": dict(sorted(layers.items())), "exclude_modules": sorted(ignore)}
+    return {"producer": _producer(), "quantization": quant}
 
 
 def quantization_config(scheme: str, ignore: list[str], *, block_size: int | None) -> dict:
     """``config.json``'s ``quantization_config``: the same keys plus ``quant_method``."""
     return {"quant_method": "modelopt",
             **hf_quant_config(scheme, ignore, block_size=block_size)["quantization"]}
+
+
+def mixed_quantization_config(schemes: dict, ignore: list[str]) -> dict:
+    return {"quant_method": "modelopt", **mixed_hf_quant_config(schemes, ignore)["quantization"]}
 
 
 def notes(scheme: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -152,19 +153,28 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _checked_inputs(cfg: DictConfig):
-    """(recipe, calibration text, evaluation text), every config value checked by name."""
-    if cfg.get("recipe") is None:
-        raise ValueError("choose a recipe: +recipe=NAME, one of "
-                         f"{available_recipes()}")
+    """(recipe or None, auto search or None, calibration text, evaluation text), every config
+    value checked by name."""
+    auto = _auto_config(cfg)
+    if cfg.get("recipe") is None and auto is None:
+        raise ValueError("choose a recipe: +recipe=NAME (or a .yaml path), one of "
+                         f"{available_recipes()}, or search one: auto.formats=[nvfp4,fp8] "
+                         "auto.effective_bits=5.0")
+    if cfg.get("recipe") is not None and auto is not None:
+        raise ValueError("give either +recipe=... or auto.formats=[...], not both")
     validate(cfg, "ptq")
-    recipe = load_recipe(OmegaConf.to_container(cfg.recipe, resolve=True))
+    if auto is not None and int(cfg.parallel.pp) > 1:
+        raise ValueError(f"auto.formats with parallel.pp={cfg.parallel.pp}: the mixed-precision "
+                         "search does not run under pipeline parallelism yet; search at "
+                         "parallel.pp=1 and pass the written recipe.yaml back with +recipe=PATH")
+    recipe = None if auto else load_recipe(OmegaConf.to_container(cfg.recipe, resolve=True))
     check_data_sizes(cfg)
     calib_path = resolve_text(cfg.data.calib_text, "default_calib_text")
     eval_path = resolve_text(cfg.data.eval_text, "default_eval_text")
-    return recipe, calib_path, eval_path
+    return recipe, auto, calib_path, eval_path
 
 
-def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) -> dict:
+def _run(cfg: DictConfig, out, t_start: float, recipe, auto, calib_path, eval_path) -> dict:
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.megatron.dist import init_distributed, init_model_parallel
 
@@ -181,16 +191,19 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) ->
     model = build_model(loaded, groups, cfg.run.build, seed=int(cfg.run.seed), stage=stage)
     seq, mb = int(cfg.model.seq_length), int(cfg.data.micro_batch)
     # Calibration sees the same seq_length-token inputs as evaluation (which drops the last token).
-    calib = [b[:, :-1] for b in
-             token_batches(calib_path, loaded.tokenizer, int(cfg.data.calib_samples), seq, mb)]
+    calib_full = token_batches(calib_path, loaded.tokenizer, int(cfg.data.calib_samples), seq, mb)
     evals = token_batches(eval_path, loaded.tokenizer, int(cfg.data.eval_samples), seq, mb)
     if groups.ep > 1:
-        calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
+        calib_full, evals = _even_over_dp(calib_full, groups.dp), _even_over_dp(evals, groups.dp)
+    calib = [b[:, :-1] for b in calib_full]
     t_loaded = time.perf_counter()
 
     evaluate_loss, run_forward = staged_passes(groups, evaluate_loss, run_forward)
     loss_fp = evaluate_loss(model, evals, groups.dp_group)
     t_eval_fp = time.perf_counter()
+    searched = None
+    if auto is not None:
+        recipe, searched = _search_recipe(model, auto, calib_full, groups, Path(cfg.run.output_dir))
     report = megaquant.quantize(
         model, recipe, lambda m: run_forward(m, calib, "calibrate", groups.dp_group),
         dp_group=groups.dp_group,
@@ -224,6 +237,11 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) ->
                    "eval_fp": t_eval_fp - t_loaded, "quantize_calibrate": t_calib - t_eval_fp,
                    "eval_quant": t_eval_q - t_calib},
     }
+    recipe_yaml = None
+    if searched is not None:
+        recipe_yaml = searched.pop("recipe_yaml")
+        summary["auto"] = searched
+        summary["wall_s"]["search"] = searched["seconds"]["total"]
     if cfg.run.save_checkpoint:
         from megaquant.finite import check_quantized_finite
         from megaquant.megatron.checkpoint import save_checkpoint
@@ -239,11 +257,78 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, calib_path, eval_path) ->
     summary["wall_s"]["total"] = time.perf_counter() - t_start
     if is_rank0():
         write_json_atomic(out.staging / "summary.json", summary)
+        if recipe_yaml is not None:  # beside the checkpoint: +recipe=<out>/recipe.yaml reuses it
+            (out.staging / "recipe.yaml").write_text(recipe_yaml)
         (out.staging / "report.md").write_text(render_report(summary))
-    out.commit()  # checkpoint, summary and report appear together
+    out.commit()  # checkpoint, summary, recipe and report appear together
     if is_rank0():
         log.info("\n%s", render_report(summary))
     return summary
+
+
+def _auto_config(cfg: DictConfig):
+    """The job's ``auto`` block as an AutoConfig, or None when the search is off."""
+    block = cfg.get("auto")
+    if block is None or not block.get("formats"):
+        return None
+    from megaquant.auto.search import AutoConfig
+
+    values = OmegaConf.to_container(block, resolve=True)
+    compare = values.pop("compare", False)
+    auto = AutoConfig(**values)
+    check_exportable_mix(auto.formats)
+    return auto, compare
+
+
+def check_exportable_mix(candidates) -> None:
+    """Refuse candidates that no export layout can write together in one model.
+
+    A mixed model is written by a layout only if that layout writes every candidate's scheme
+    (``megaquant.export.layouts``); candidates that are not exportable at all are left to the
+    exporter's own message.
+    """
+    from megaquant.export import layouts as L
+    from megaquant.export.schemes import scheme_of
+    from megaquant.recipe import load_recipe
+
+    schemes = {}
+    for name in candidates:
+        if name == "none":
+            continue
+        roles = load_recipe(name).resolve("decoder.layers.0.self_attention.linear_qkv")
+        fmts = [None if roles[r] is None else roles[r].build_format() for r in ("weight", "input")]
+        scheme = scheme_of(*fmts) if fmts[0] is not None else None
+        if scheme is not None:
+            schemes[name] = scheme
+    writers = {lay: [c for c, s in schemes.items() if L.supports(lay, s)] for lay in L.LAYOUTS}
+    if schemes and not any(len(w) == len(schemes) for w in writers.values()):
+        raise ValueError(f"auto.formats {list(candidates)}: no export layout writes all of them "
+                         f"in one model (schemes {schemes}; each layout writes {writers}); "
+                         "choose candidates one layout holds together")
+
+
+def _search_recipe(model, auto, batches, groups, out: Path):
+    """Run the search; write ``recipe.yaml`` (rank 0); return (Recipe, summary block)."""
+    import yaml
+
+    from megaquant.auto.search import search
+    from megaquant.evaluate import run_forward
+
+    cfg, compare = auto
+    calib = [b[:, :-1] for b in batches]
+    t0 = time.perf_counter()
+    result = search(model, cfg, lambda m: run_forward(m, calib, "calibrate", groups.dp_group),
+                    batches, dp_group=groups.dp_group, tp_group=groups.tp_group, compare=compare)
+    seconds = {**result.seconds, "total": time.perf_counter() - t0}
+    path = out / "recipe.yaml"
+    text = (f"# Written by megaquant's mixed-precision search (scripts/ptq.py auto.*).\n"
+            f"# Reuse: scripts/ptq.py +recipe={path} ; scripts/qat.py model.quantization={path}\n"
+            + yaml.safe_dump(result.recipe, sort_keys=False))
+    return load_recipe(result.recipe), {"recipe_path": str(path), "recipe_yaml": text,
+                                        "seconds": seconds,
+                                        **{k: v for k, v in result.recipe["auto"].items()
+                                           if k != "groups"},
+                                        "groups": result.recipe["auto"]["groups"]}
 
 
 def render_report(s: dict) -> str:
@@ -266,7 +351,22 @@ def render_report(s: dict) -> str:
         "",
         "wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in w.items()),
     ]
+    if "auto" in s:
+        lines += _render_auto(s["auto"])
     if s["model"]["source"] == "smollm2":
         lines += ["", "Note: the embedded SmolLM2 weights ship as GGUF Q4_1 (already on a 4-bit "
                   "grid), so weight-quantization error on this model is understated."]
     return "\n".join(lines) + "\n"
+
+
+def _render_auto(a: dict) -> list[str]:
+    lines = ["", f"## Mixed precision: {a['effective_bits']:.3f} effective weight bits (budget "
+             f"{a['budget_bits']:g}, candidates {a['formats']}, score {a['score']})", "",
+             f"recipe: {a['recipe_path']}", "",
+             "| layers | format | bits | " + " | ".join(a["formats"]) + " |",
+             "|---|---|---|" + "---|" * len(a["formats"])]
+    for g in a["groups"]:
+        sc = g["scores"][a["score"]]
+        lines.append(f"| {g['modules']} | {g['format']} | {g['bits']:.3f} | "
+                     + " | ".join(f"{sc[f]:.3g}" for f in a["formats"]) + " |")
+    return lines

@@ -12,7 +12,7 @@ A new job key goes here first (with its default), then into the YAML file that d
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -63,6 +63,19 @@ class PTQRunConfig:
 
 
 @dataclass
+class AutoJobConfig:
+    """``auto``: the mixed-precision search (megaquant.auto.search.AutoConfig; off while
+    ``formats`` is empty). It writes ``recipe.yaml`` beside the checkpoint."""
+
+    formats: List[str] = field(default_factory=list)  # candidates: recipe names or "none"
+    effective_bits: float = 0.0  # weight bits per parameter of the quantized linears
+    score: str = "fisher"  # fisher | output | kl
+    kl_batches: int = 2
+    pin: Dict[str, str] = field(default_factory=dict)  # module glob -> candidate
+    compare: bool = False  # also compute the other scores (for the comparison table)
+
+
+@dataclass
 class PTQJob:
     """``configs/ptq.yaml``; the recipe is chosen with ``+recipe=NAME`` (free-form here)."""
 
@@ -71,6 +84,7 @@ class PTQJob:
     data: DataConfig = field(default_factory=DataConfig)
     run: PTQRunConfig = field(default_factory=PTQRunConfig)
     recipe: Any = None
+    auto: AutoJobConfig = field(default_factory=AutoJobConfig)
 
 
 @dataclass

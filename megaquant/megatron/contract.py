@@ -96,6 +96,9 @@ CONTRACT: tuple[Use, ...] = (
     Use("megatron.core.fusions.fused_bias_dropout.get_bias_dropout_add"),
     Use("megatron.core.utils.make_tp_sharded_tensor_for_checkpoint",
         ("tensor", "key", "tp_axis")),
+    # per-layer amax keys of mixed-precision recipes (nn/base.py)
+    Use("megatron.core.utils.make_sharded_tensor_for_checkpoint",
+        ("tensor", "key", "prepend_offsets")),
     # --- the quantized linears override _forward_impl (nn/local.py)
     Use(f"{_TP}.layers.ColumnParallelLinear"),
     Use(f"{_TP}.layers.ColumnParallelLinear._forward_impl", ("input", "weight")),

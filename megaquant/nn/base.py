@@ -61,6 +61,11 @@ class QuantModuleMixin:
             if isinstance(q, TensorQuantizer) and qname:
                 yield qname, qname.split(".")[0].rsplit("_quantizer", 1)[0], q
 
+    # True when the transformer layers of this layer's stack carry different quantizer states
+    # (a mixed-precision recipe): its amax is then stored under a per-layer key instead of one
+    # tensor stacked over layers. Set by megaquant.convert.apply_recipe; plain state otherwise.
+    per_layer_amax: bool = False
+
     def _shard_quantizer_state(self, sharded: dict, prefix: str, sharded_offsets, metadata) -> dict:
         """Fix up the quantizer entries of a parent's ``sharded_state_dict`` result.
 
@@ -69,7 +74,15 @@ class QuantModuleMixin:
         split with the weight's output channels, and impossible for an amax that is still empty
         (uncalibrated or dynamic): those entries are dropped. A learned ``block_amax`` is split
         along the weight's partition axis.
+
+        Megatron stacks every tensor of a transformer layer over layers (the first of
+        ``sharded_offsets`` is ``(0, layer, num_layers)``), which needs every layer to hold an
+        amax of the same shape. Where layers differ (``per_layer_amax``), the layer axis is
+        dropped and the global layer index goes into the key (``....amax.layer3``) instead.
         """
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        groups = {"tp_group": self.tp_group, "dp_cp_group": (metadata or {}).get("dp_cp_group")}
         for qname, role, q in self.quantizers():
             # A learned per-block amax (megaquant.train.learnable) is split with its weight.
             blocks = getattr(q, "block_amax", None)
@@ -83,17 +96,27 @@ class QuantModuleMixin:
             if not q.has_amax:
                 del sharded[key]
                 continue
+            ckpt_key, offsets = key, tuple(sharded_offsets)
+            if self.per_layer_amax and offsets:
+                ckpt_key, offsets = per_layer_key(key, offsets)
             axis = sharded_amax_axis(q.fmt, self.partition_axes.get(role), q.amax.dim())
-            if axis is not None:
-                self._shard_tp(sharded, key, q.amax, axis, prefix, sharded_offsets, metadata)
+            if axis is None:
+                if ckpt_key != key:
+                    sharded[key] = make_sharded_tensor_for_checkpoint(
+                        q.amax, ckpt_key, prepend_offsets=offsets, **groups)
+                continue
+            self._shard_tp(sharded, key, q.amax, axis, prefix, offsets, metadata,
+                           ckpt_key=ckpt_key)
         return sharded
 
-    def _shard_tp(self, sharded, key, tensor, axis, prefix, sharded_offsets, metadata) -> None:
-        """Describe ``tensor`` as split over TP along ``axis`` (the parent said replicated)."""
+    def _shard_tp(self, sharded, key, tensor, axis, prefix, sharded_offsets, metadata, *,
+                  ckpt_key: str | None = None) -> None:
+        """Describe ``tensor`` as split over TP along ``axis`` (the parent said replicated),
+        checkpointed under ``ckpt_key`` (default ``key``; a per-layer key when layers differ)."""
         from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
         sharded[key] = make_tp_sharded_tensor_for_checkpoint(
-            tensor, key, tp_axis=axis, prepend_offsets=sharded_offsets,
+            tensor, ckpt_key or key, tp_axis=axis, prepend_offsets=sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
         )
         if axis == 0 and self._is_gated_fc1(prefix):
@@ -107,3 +130,15 @@ class QuantModuleMixin:
         # The same test Megatron's MLP.sharded_state_dict applies to its fc1 weight.
         config = getattr(self, "config", None)
         return bool(getattr(config, "gated_linear_unit", False)) and prefix.endswith("linear_fc1.")
+
+
+def per_layer_key(key: str, sharded_offsets: tuple) -> tuple[str, tuple]:
+    """``(key with the global layer index, offsets without the layer axis)``.
+
+    ``sharded_offsets[0]`` is the ``(axis 0, global layer, num_layers)`` entry a transformer
+    block prepends; later entries (an expert's ``(axis, expert, num_experts)``) move up one axis.
+    """
+    axis, layer, _ = sharded_offsets[0]
+    assert axis == 0, f"expected the layer axis first in {sharded_offsets}"
+    rest = tuple((a - 1, off, size) for a, off, size in sharded_offsets[1:])
+    return f"{key}.layer{layer}", rest

@@ -45,6 +45,7 @@ LAYERS = [
     ("megaquant.export", 8, "deployable checkpoints"),
     ("megaquant.train", 8, "QAT/QAD"),
     ("megaquant.evaluate", 8, "evaluation"),
+    ("megaquant.auto", 8, "mixed-precision search (uses ptq)"),
     ("megaquant.jobs", 9, "Hydra jobs"),
     ("megaquant.integrations", 9, "NeMo and other hooks"),
     ("megaquant.cli", 9, "the megaquant command"),

@@ -91,3 +91,66 @@ def test_ptq_script_refuses_layer_split_that_does_not_fit(tmp_path):
     assert "the model has 2 layers: parallel.pp=3" in res.stdout + res.stderr
     assert "parallel.pp <= 2" in res.stdout + res.stderr
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+@pytest.mark.timeout(300)
+def test_ptq_script_takes_a_recipe_file_outside_recipes(tmp_path):
+    """``+recipe=PATH`` (as the mixed-precision search writes): the file's recipe is the one run."""
+    import yaml
+
+    from megaquant.recipe import RECIPE_DIR
+
+    recipe = yaml.safe_load((RECIPE_DIR / "int8.yaml").read_text())
+    recipe["name"] = "my_int8"
+    path = tmp_path / "elsewhere" / "my recipe.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(recipe))
+    res = _run(_tiny_args(tmp_path, str(path), "run.save_checkpoint=false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["recipe"] == "my_int8"
+    assert summary["recipe_config"]["rules"][0]["weight"]["format"] == "int8"
+    missing = _run(_tiny_args(tmp_path, str(tmp_path / "nope.yaml")))
+    assert missing.returncode != 0 and "nope.yaml" in missing.stderr
+    assert "does not exist" in missing.stderr
+
+
+def test_recipe_path_overrides_register_files_for_ptq_and_qat(tmp_path):
+    from hydra.core.config_store import ConfigStore
+
+    from megaquant.jobs.hydra import recipe_path_overrides
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nrules: [{modules: '*', weight: {format: fp8}}]\n")
+    assert recipe_path_overrides(["+recipe=nvfp4", "x=1.yaml"]) == ["+recipe=nvfp4", "x=1.yaml"]
+    assert recipe_path_overrides([f"+recipe={path}"]) == ["+recipe=_file_r"]
+    qat = recipe_path_overrides([f"model/quantization={path}"], keys=("model/quantization",),
+                                group="model/quantization")
+    assert qat == ["model/quantization=_file_r"]
+    node = ConfigStore.instance().load("model/quantization/_file_r.yaml").node
+    assert node.name == "r"
+
+
+@pytest.mark.timeout(400)
+def test_ptq_script_auto_writes_a_recipe_that_reruns_the_same(tmp_path):
+    """``auto.formats=[...] auto.effective_bits=...``: the search's recipe.yaml lands beside the
+    checkpoint, and running it back with ``+recipe=PATH`` gives the same quantized loss."""
+    import yaml
+
+    args = [a for a in _tiny_args(tmp_path) if not a.startswith("+recipe=")]
+    res = _run(args + ["auto.formats=[nvfp4,fp8]", "auto.effective_bits=6.0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert summary["auto"]["effective_bits"] <= 6.0 and written["auto"]["budget_bits"] == 6.0
+    assert {g["format"] for g in written["auto"]["groups"]} == {"nvfp4", "fp8"}
+    assert "Mixed precision" in (out / "report.md").read_text()
+    again = _run(_tiny_args(tmp_path, str(out / "recipe.yaml"), "run.save_checkpoint=false",
+                            f"run.output_dir={tmp_path / 'again'}"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    s2 = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert s2["recipe_config"]["rules"] == summary["recipe_config"]["rules"]
+    assert abs(s2["eval"]["loss_quant"] - summary["eval"]["loss_quant"]) < 1e-6
+    bad = _run(args + ["auto.formats=[nvfp4,fp8]", "auto.effective_bits=3.0"],)
+    assert bad.returncode != 0 and "outside what candidates" in bad.stderr

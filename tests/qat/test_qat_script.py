@@ -36,3 +36,29 @@ def test_qat_script_trains_saves_and_resumes(tmp_path):
     res = _run(base + ["model.quantization=int4_w4a16", "trainer.max_steps=4"])
     assert res.returncode != 0
     assert "'nvfp4'" in res.stderr and "'int4_w4a16'" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_qat_script_takes_a_recipe_file(tmp_path):
+    """``model.quantization=PATH``: a recipe file outside recipes/ (as the mixed-precision
+    search writes) is the recipe QAT trains with."""
+    import yaml
+
+    from megaquant.recipe import RECIPE_DIR
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question: " * 200)
+    recipe = yaml.safe_load((RECIPE_DIR / "fp8.yaml").read_text())
+    recipe["name"] = "my_fp8"
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    res = _run(["model=tiny", "model.seq_length=32", "model.global_batch_size=2",
+                "model.micro_batch_size=1", f"data.calib_text={text}", f"data.eval_text={text}",
+                "data.train_samples=4", "data.eval_samples=2", "data.micro_batch=2",
+                f"run.output_dir={out}", f"model.quantization={path}", "trainer.max_steps=1"],
+               nproc=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["recipe"] == "my_fp8"

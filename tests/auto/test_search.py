@@ -1,0 +1,181 @@
+"""The mixed-precision search on the tiny GPT: a valid recipe within budget, the optimum of its
+own scores, deterministic, equal under TP=2 and EP=2 to one process, and clear bad-input errors.
+
+References: brute force over every assignment of the recorded scores (the knapsack's answer must
+match it), a second run (bit-identical scores), the single-process scores (float64 sums of the
+same float32 numbers in another order: rtol 1e-4), and exact candidate bit counts.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from tests.distributed_utils import run_ranks
+
+SEQ = 16
+FORMATS = ("nvfp4", "fp8", "none")
+
+
+def _batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
+
+
+def _search(model, groups, bits=6.0, formats=FORMATS, compare=False, **kw):
+    from megaquant.auto.search import AutoConfig, search
+    from megaquant.evaluate import run_forward
+
+    batches = _batches(4, 1)
+    calib = [b[:, :-1] for b in batches]
+    return search(model, AutoConfig(formats=formats, effective_bits=bits, **kw),
+                  lambda m: run_forward(m, calib, "calib", groups.dp_group), batches,
+                  dp_group=groups.dp_group, tp_group=groups.tp_group, compare=compare)
+
+
+def _tiny(full_state=None, tp=1, groups=None):
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+    from megaquant.spec import get_spec_provider
+    from tests.sharding import shard_state_dict, tiny_full_state
+
+    model = build_gpt_model(tiny_gpt_config(), get_spec_provider("local"), tp_size=tp)
+    shard_state_dict(model, full_state or tiny_full_state(), 0 if groups is None
+                     else groups.tp_rank, tp)
+    return model
+
+
+def test_search_recipe_is_the_optimum_of_its_scores_within_budget(megatron_single):
+    import megaquant
+    from megaquant.evaluate import evaluate_loss, run_forward
+    from megaquant.recipe import load_recipe
+
+    res = _search(_tiny(), megatron_single, compare=True)
+    recipe = load_recipe(res.recipe)  # the strict parser accepts what the search wrote
+    auto = recipe.auto
+    assert auto["effective_bits"] <= 6.0 and auto["budget_bits"] == 6.0
+    table = auto["groups"]
+    assert len(table) == 8 and {"fisher", "output", "kl"} <= set(table[0]["scores"])
+    params = sum(g["params"] for g in table)
+    assert sum(g["bits"] * g["params"] for g in table) / params == pytest.approx(
+        auto["effective_bits"], rel=1e-5)
+    # Brute force over all 3^8 assignments of the recorded fisher scores.
+    options = [{f: g["scores"]["fisher"][f] for f in FORMATS} for g in table]
+    per_bit = {"nvfp4": None, "fp8": None, "none": 16.0}
+    for g in table:  # recover each candidate's bits from the chosen ones of its kind
+        per_bit[g["format"]] = per_bit[g["format"]] or g["bits"]
+    assert all(v is not None for v in per_bit.values()), per_bit  # all three were chosen
+    best = min(sum(table[i]["scores"]["fisher"][f] for i, f in enumerate(pick))
+               for pick in itertools.product(FORMATS, repeat=len(table))
+               if sum(per_bit[f] * table[i]["params"] for i, f in enumerate(pick))
+               <= 6.0 * params * (1 - 2 / 256))
+    got = sum(g["scores"]["fisher"][g["format"]] for g in table)
+    assert got <= best + 1e-12, options
+    # The sensitivity order is plausible: nvfp4 hurts more than fp8 in every group.
+    assert all(g["scores"]["fisher"]["nvfp4"] > g["scores"]["fisher"]["fp8"] for g in table)
+    assert all(g["scores"]["kl"]["nvfp4"] > g["scores"]["kl"]["fp8"] for g in table)
+    # The recipe quantizes each group in the format chosen for it (the tiny model is random,
+    # so its losses say nothing about quality: that comparison is the SmolLM2 benchmark's).
+    model = _tiny()
+    calib = [b[:, :-1] for b in _batches(4, 1)]
+    megaquant.quantize(model, res.recipe,
+                       lambda m: run_forward(m, calib, "c", megatron_single.dp_group),
+                       dp_group=megatron_single.dp_group)
+    layers = dict(model.named_modules())
+    for g in table:
+        fmt = layers[g["modules"]].weight_quantizer.fmt
+        assert (fmt.name if fmt is not None else "none") == g["format"], g["modules"]
+    assert evaluate_loss(model, _batches(2, 2), megatron_single.dp_group) > 0
+
+
+def test_search_is_deterministic(megatron_single):
+    a = _search(_tiny(), megatron_single)
+    b = _search(_tiny(), megatron_single)
+    assert a.recipe == b.recipe and a.scores == b.scores
+
+
+def test_search_pin_fixes_a_group(megatron_single):
+    res = _search(_tiny(), megatron_single, bits=5.0, formats=("nvfp4", "fp8"),
+                  pin={"*layers.1.mlp.linear_fc2": "fp8"})
+    chosen = {g["modules"]: g["format"] for g in res.recipe["auto"]["groups"]}
+    assert chosen["decoder.layers.1.mlp.linear_fc2"] == "fp8"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"bits": 4.0}, r"outside what candidates .* can reach on this model: 4\.50\d* \.\. 16"),
+    ({"bits": 17.0}, r"outside what candidates"),
+    ({"formats": ("nvfp4", "nvfp7")}, r"unknown: \['nvfp7'\]"),
+    ({"formats": ("nvfp4", "nvfp4_gptq")}, r"calibrates with 'gptq'"),
+    ({"score": "hessian"}, r"auto.score must be one of"),
+])
+def test_search_bad_input_names_the_range_or_choices(megatron_single, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _search(_tiny(), megatron_single, **kw)
+
+
+def _tp2_scores(full):
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
+    init_distributed(timeout_s=200)
+    groups = init_model_parallel(tp=2)
+    res = _search(_tiny(full, 2, groups), groups, compare=True)
+    return res.recipe, res.scores
+
+
+def _ep2_scores(full):
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+    from megaquant.models.gpt import build_gpt_model, tiny_moe_config
+    from megaquant.spec import get_spec_provider
+    from tests.moe.moe_helpers import load_sharded
+
+    init_distributed(timeout_s=200)
+    groups = init_model_parallel(tp=1, ep=2)
+    model = build_gpt_model(tiny_moe_config(), get_spec_provider("local"), tp_size=1, ep_size=2)
+    load_sharded(model, full, 0, 1, groups.ep_rank, 2)
+    res = _search(model, groups, compare=True)
+    return res.recipe, res.scores
+
+
+def _assert_same_search(got, want):
+    (recipe, scores), (want_recipe, want_scores) = got, want
+    for name in want_scores:
+        torch.testing.assert_close(torch.tensor(scores[name]), torch.tensor(want_scores[name]),
+                                   rtol=1e-4, atol=1e-12, msg=name)
+    assert recipe["rules"] == want_recipe["rules"]
+    assert recipe["auto"]["effective_bits"] == want_recipe["auto"]["effective_bits"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_search_tp2_and_ep2_decide_as_one_process(megatron_single):
+    from megaquant.models.gpt import build_gpt_model, tiny_moe_config
+    from megaquant.spec import get_spec_provider
+    from tests.moe.moe_helpers import full_moe_state
+    from tests.sharding import tiny_full_state
+
+    full = tiny_full_state()
+    ref = _search(_tiny(full), megatron_single, compare=True)
+    for rank_result in run_ranks(_tp2_scores, 2, (full,), timeout_s=400):
+        _assert_same_search(rank_result, (ref.recipe, ref.scores))
+    moe_full = full_moe_state(tiny_moe_config())
+    model = build_gpt_model(tiny_moe_config(), get_spec_provider("local"), tp_size=1)
+    model.load_state_dict(moe_full, strict=False)
+    moe_ref = _search(model, megatron_single, compare=True)
+    expert_groups = [g for g in moe_ref.recipe["auto"]["groups"]
+                     if g["modules"].endswith("experts.*")]
+    assert len(expert_groups) == 2  # all experts of a layer (fc1 and fc2) are one choice
+    for rank_result in run_ranks(_ep2_scores, 2, (moe_full,), timeout_s=400):
+        _assert_same_search(rank_result, (moe_ref.recipe, moe_ref.scores))
+
+
+def test_search_candidates_the_layouts_cannot_mix_are_refused(monkeypatch):
+    from megaquant.export import modelopt_layout
+    from megaquant.jobs.ptq import check_exportable_mix
+
+    check_exportable_mix(("nvfp4", "fp8_per_channel", "none"))  # compressed-tensors holds both
+    # Were compressed-tensors unable to write NVFP4, nothing could hold this pair.
+    from megaquant.export import ct_layout
+
+    monkeypatch.delitem(ct_layout.DTYPES, "nvfp4")
+    assert "fp8_per_channel" in modelopt_layout.REFUSED
+    with pytest.raises(ValueError, match=r"no export layout writes all of them"):
+        check_exportable_mix(("nvfp4", "fp8_per_channel"))
