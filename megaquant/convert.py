@@ -130,7 +130,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, report: ConversionReport) -> 
                 if fixed is not None:  # kv_cache scale: unit; calibration leaves it alone
                     quantizer.load_amax(torch.tensor(fixed))
                     quantizer.fixed_amax = True
-    mark_per_layer_state(model)
+    mark_per_layer_state(model, recipe)
 
 
 _LAYER_INDEX = re.compile(r"(^|\.)(layers|local_experts)\.\d+\.")
@@ -144,7 +144,7 @@ def _state_signature(module: nn.Module) -> tuple:
                  for qname, _, q in module.quantizers())
 
 
-def mark_per_layer_state(model: nn.Module) -> None:
+def mark_per_layer_state(model: nn.Module, recipe: Recipe) -> None:
     """Set ``per_layer_amax`` on every quantized layer whose stack differs over layers.
 
     Layers are stacked by their name with the transformer-layer and expert indices removed
@@ -156,7 +156,7 @@ def mark_per_layer_state(model: nn.Module) -> None:
     """
     stacks: dict[str, list[nn.Module]] = {}
     for name, module in model.named_modules():
-        if _is_candidate(module) and _LAYER_INDEX.search(name):
+        if _is_candidate(module, recipe) and _LAYER_INDEX.search(name):
             stacks.setdefault(_LAYER_INDEX.sub(r"\1\2.#.", name), []).append(module)
     for members in stacks.values():
         mixed = len({_state_signature(m) for m in members}) > 1

@@ -173,7 +173,7 @@ def _tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    (_no_recipe, r"choose a recipe: \+recipe=NAME, one of \["),
+    (_no_recipe, r"choose a recipe: \+recipe=NAME \(or a \.yaml path\), one of \["),
     (_hf_path, r"model.path '.*nope' is not a directory \(model.source=hf\)"),
     (_not_a_checkpoint,
      r"megaquant.json not found: .*nope/checkpoint is not a megaquant checkpoint"),
