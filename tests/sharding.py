@@ -68,6 +68,22 @@ def tiny_full_state(seed: int = 0) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+def quantized_tiny_shard(groups, tp: int, sp: bool, full_state: dict, recipe, calib):
+    """This rank's TP shard of the tiny GPT holding ``full_state``, quantized with ``recipe``
+    (calibrated on ``calib`` over the DP group): what each layout of a TP test compares."""
+    import megaquant
+    from megaquant.evaluate import run_forward
+    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
+    from megaquant.spec import get_spec_provider
+
+    model = build_gpt_model(tiny_gpt_config(), get_spec_provider("local"), tp_size=tp,
+                            sequence_parallel=sp)
+    shard_state_dict(model, full_state, groups.tp_rank, tp)
+    megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", groups.dp_group),
+                       dp_group=groups.dp_group)
+    return model
+
+
 def on_two_rank_layouts(quantize_all, full_state) -> dict:
     """Per rank of a 2-rank ``run_ranks``: ``quantize_all(groups, tp, sp, full_state)`` at TP=2,
     TP=2 with sequence parallelism, then DP=2 (one spawn for all three), keyed by layout."""

@@ -28,21 +28,14 @@ def _batches(n, seed):
 
 
 def _quantize_all(groups, tp, sp, full_state):
-    import megaquant
-    from megaquant.evaluate import evaluate_loss, run_forward
-    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
-    from megaquant.spec import get_spec_provider
+    from megaquant.evaluate import evaluate_loss
     from tests.nn.test_tp_invariance import _full_amax
-    from tests.sharding import shard_state_dict
+    from tests.sharding import quantized_tiny_shard
 
     calib, evals = [b[:, :-1] for b in _batches(4, 1)], _batches(2, 2)
     results = {}
     for key, recipe in RECIPES.items():
-        model = build_gpt_model(tiny_gpt_config(), get_spec_provider("local"), tp_size=tp,
-                                sequence_parallel=sp)
-        shard_state_dict(model, full_state, groups.tp_rank, tp)
-        megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", groups.dp_group),
-                           dp_group=groups.dp_group)
+        model = quantized_tiny_shard(groups, tp, sp, full_state, recipe, calib)
         norms = {k: v.clone() for k, v in model.state_dict().items() if "layernorm.weight" in k}
         results[key] = {"loss": evaluate_loss(model, evals, groups.dp_group),
                         "amax": _full_amax(model, groups.tp_group), "norms": norms}

@@ -28,20 +28,13 @@ def _batches(n, seed):
 
 
 def _quantize_all(groups, tp, sp, full_state):
-    import megaquant
-    from megaquant.evaluate import evaluate_loss, run_forward
-    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
-    from megaquant.spec import get_spec_provider
-    from tests.sharding import shard_state_dict, unsharded_amax
+    from megaquant.evaluate import evaluate_loss
+    from tests.sharding import quantized_tiny_shard, unsharded_amax
 
     calib, evals = [b[:, :-1] for b in _batches(4, 1)], _batches(2, 2)
     out = {}
     for name, recipe in RECIPES.items():
-        model = build_gpt_model(tiny_gpt_config(), get_spec_provider("local"), tp_size=tp,
-                                sequence_parallel=sp)
-        shard_state_dict(model, full_state, groups.tp_rank, tp)
-        megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", groups.dp_group),
-                           dp_group=groups.dp_group)
+        model = quantized_tiny_shard(groups, tp, sp, full_state, recipe, calib)
         amax = {k: v for k, v in unsharded_amax(model).items() if "core_attention" in k}
         out[name] = {"loss": evaluate_loss(model, evals, groups.dp_group), "amax": amax}
     return out
