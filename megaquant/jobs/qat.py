@@ -175,14 +175,6 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
     check_pipeline_support(loaded.arch, par)
-    if int(par.pp) > 1 and int(par.ep) > 1:
-        raise ValueError(f"parallel.pp={par.pp} with parallel.ep={par.ep}: pipeline x expert "
-                         "parallelism is supported for PTQ, not yet for QAT/QAD; use one of them")
-    if int(par.pp) > 1 and scales.enabled:
-        # the scale-gradient rules are written for TP/EP; under PP they are untested
-        raise ValueError(f"parallel.pp={par.pp} with model.learnable_scales.enabled=true: "
-                         "learnable scales are not supported under pipeline parallelism yet; use "
-                         "parallel.pp=1 (parallel.tp, parallel.ep) or fixed scales")
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
