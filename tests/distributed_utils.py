@@ -10,9 +10,18 @@
 
     results = run_ranks(_work, world_size=2, args=(2,), timeout_s=120)   # [rank0, rank1]
 
-Each child gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free
-MASTER_PORT), so ``megaquant.megatron.dist.init_distributed`` joins as under torchrun, and
-one intra-op thread (the CI box has 2 cores for everything). The parent waits at most
+Each child gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+so ``megaquant.megatron.dist.init_distributed`` joins as under torchrun, and one intra-op
+thread (the CI box has 2 cores for everything).
+
+Ports, without a race: a port found free and then closed (``free_port``) can be taken by any
+other process before the job binds it (gloo's many connections and listening sockets draw from
+the same ephemeral range, and several test runs share the machine), and the job then fails
+with EADDRINUSE or, worse, a rank joins another job's store. So nothing here picks a port to
+bind later: ``run_ranks`` binds the rendezvous store itself (port 0, the OS chooses) and keeps
+it open while the ranks run, as torchrun's agent does (the children join it as clients:
+``TORCHELASTIC_USE_AGENT_STORE``), and ``run_script`` starts torchrun with ``--standalone``
+(its agent binds port 0 the same way and hands the workers that store). The parent waits at most
 ``timeout_s``: a hung or crashed rank kills all ranks and raises, with the failing rank's
 traceback, instead of blocking the test run. Children tear their process groups down.
 
@@ -30,10 +39,12 @@ import subprocess
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
+from torch.distributed import TCPStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,20 +59,20 @@ def run_script(script: str, args: Sequence[str], nproc: int = 1, timeout: float 
                ) -> subprocess.CompletedProcess:
     """Run ``scripts/<script> *args`` from the repo root; stdout/stderr captured as text.
 
-    More than one process goes through torchrun with an explicit free port: with
-    ``--master-port=0`` torchrun hands its workers MASTER_PORT=0 and the rendezvous never meets.
+    More than one process goes through ``torchrun --standalone`` (see the module docstring;
+    ``--master-port=0`` would hand the workers MASTER_PORT=0, which the jobs refuse).
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, f"scripts/{script}", *args]
     if nproc > 1:
-        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                    f"--master-port={free_port()}"]
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: Sequence, out) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      TORCHELASTIC_USE_AGENT_STORE="True")  # the parent's store, as a client
     import torch
 
     torch.set_num_threads(1)
@@ -86,9 +97,11 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence = (), timeout_s: flo
     """Spawn ``world_size`` ranks running ``fn(*args)``; return their results in rank order."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, out), daemon=False)
-             for r in range(world_size)]
+    # A fresh store per call (a reused one would hand the ranks the last run's gloo addresses).
+    store = TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=timeout_s))
+    procs = [ctx.Process(target=_child, args=(r, world_size, store.port, fn, args, out),
+                         daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -84,19 +84,16 @@ def _load_weights(model, state: dict) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
-def check_pipeline_support(arch, par, job: str) -> None:
-    """Refuse, by name, pipeline layouts that are not supported yet (before any group exists)."""
+def check_pipeline_support(arch, par) -> None:
+    """Refuse, by name, a layer split that cannot work (before any group exists).
+
+    PTQ, QAT and QAD run under PP, PP x TP and PP x EP (``docs/pipeline.md``); the features that
+    do not run under PP yet are refused where they are configured (``auto.formats`` in this
+    job)."""
     from megaquant.megatron.stages import split_layers
 
-    pp = int(par.pp)
-    split_layers(arch.num_layers, pp, par.get("pp_first_layers"), par.get("pp_last_layers"))
-    if pp > 1 and job == "QAD":
-        raise ValueError(f"parallel.pp={pp}: pipeline parallelism is supported for PTQ, QAT and "
-                         "export, not yet for QAD (model.distill.enabled=true: the teacher is "
-                         "not staged); run QAD with parallel.pp=1 (parallel.tp, parallel.ep)")
-    if pp > 1 and int(par.ep) > 1 and job != "PTQ":
-        raise ValueError(f"parallel.pp={pp} with parallel.ep={par.ep}: pipeline x expert "
-                         f"parallelism is supported for PTQ, not yet for {job}; use one of them")
+    split_layers(arch.num_layers, int(par.pp), par.get("pp_first_layers"),
+                 par.get("pp_last_layers"))
 
 
 def staged_passes(groups, evaluate_loss, run_forward):
@@ -183,7 +180,7 @@ def _run(cfg: DictConfig, out, t_start: float, recipe, auto, calib_path, eval_pa
     loaded = load_model_source(OmegaConf.to_container(cfg.model, resolve=True))
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
-    check_pipeline_support(loaded.arch, par, "PTQ")
+    check_pipeline_support(loaded.arch, par)
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     stage = pipeline_stage(loaded.arch, par, groups)

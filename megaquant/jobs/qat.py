@@ -174,12 +174,7 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
     loaded = load_model_source(model_cfg)
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
-    check_pipeline_support(loaded.arch, par, "QAD" if distill.enabled else "QAT")
-    if int(par.pp) > 1 and scales.enabled:
-        # the scale-gradient rules are written for TP/EP; under PP they are untested
-        raise ValueError(f"parallel.pp={par.pp} with model.learnable_scales.enabled=true: "
-                         "learnable scales are not supported under pipeline parallelism yet; use "
-                         "parallel.pp=1 (parallel.tp, parallel.ep) or fixed scales")
+    check_pipeline_support(loaded.arch, par)
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
@@ -191,8 +186,9 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     teacher = None
     if distill.enabled:
-        # same weights, quantizers stay off
-        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed))
+        # same weights and stage split (its activations travel with the student's under PP),
+        # quantizers stay off
+        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed), stage=stage)
         teacher.load_state_dict(model.state_dict(), strict=True)
         teacher.eval().requires_grad_(False)
     evaluate = lambda m: evaluate_loss(m, evals, groups.dp_group)  # noqa: E731

@@ -168,6 +168,32 @@ def verify_checkpoint(directory: str | Path) -> None:
     manifest.raise_problems(directory, [p for part in gathered for p in part])
 
 
+def _model_layers(model) -> int | None:
+    """Decoder layers of the whole model (every pipeline stage), from its Megatron config;
+    ``model`` may be a wrapper that holds it as ``.model`` (``train.state.TrainState``)."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config",
+                                                       None)
+    return getattr(config, "num_layers", None)
+
+
+def check_layer_count(model, record: dict, directory) -> None:
+    """Refuse a checkpoint of another depth before Megatron's loader does (its message names a
+    stacked tensor's global shape, not layers): name both counts and what would fit.
+
+    Checkpoint keys carry global layer numbers (any TP/PP size loads), so the count compared is
+    the whole model's, ``config.num_layers``, at every pipeline size.
+    """
+    saved = ((record.get("metadata") or {}).get("arch") or {}).get("num_layers")
+    have = _model_layers(model)
+    if saved is None or have is None or int(saved) == int(have):
+        return
+    raise ValueError(
+        f"{directory} holds a model of {saved} decoder layers, but the model built here has "
+        f"{have}; set model.arch.num_layers={saved} (model.source=random), or load it with "
+        f"model.source=megatron model.path={directory} (which reads its architecture), or use "
+        f"a checkpoint of a {have}-layer model")
+
+
 def load_checkpoint(model: torch.nn.Module, directory: str | Path, *,
                     verify: bool = True) -> dict[str, Any]:
     """Collective: load the checkpoint into ``model`` (built at any TP size); return metadata.
@@ -177,6 +203,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path, *,
     a caller that has just run ``verify_checkpoint`` itself.
     """
     record = read_metadata(directory)
+    check_layer_count(model, record, directory)
     if verify:
         verify_checkpoint(directory)
     sharded, common = safe_strategies()

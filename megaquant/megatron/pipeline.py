@@ -47,13 +47,15 @@ def _runs_of_equal_shape(batches: list[Tensor]) -> list[list[Tensor]]:
 
 
 def run_schedule(model, micro_batches: list[Tensor], groups, step, *, seq_length: int,
-                 forward_only: bool = True) -> list:
+                 forward_only: bool = True, streams: int = 1) -> list:
     """Run ``micro_batches`` ([b, s] int64 tokens, one shape) through Megatron's schedule.
 
     ``step(model, tokens)`` runs the model on one micro-batch and returns ``(output,
     loss_func)`` as Megatron's ``forward_step_func`` does; ``seq_length`` is the length of the
-    sequences the model sees (the activations sent between stages). Returns the last stage's
-    collected loss records (empty elsewhere).
+    sequences the model sees (the activations sent between stages). ``streams``: how many
+    activations of shape ``[s, b, h]`` travel together, stacked along the batch dimension (2
+    for a distillation pair: the student's and the teacher's, ``train/pipeline_distill.py``).
+    Returns the last stage's collected loss records (empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -71,7 +73,8 @@ def run_schedule(model, micro_batches: list[Tensor], groups, step, *, seq_length
     with cpu_schedule_stand_ins():
         return schedule(
             forward_step_func=forward_step, data_iterator=data, model=[model],
-            num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=b,
+            num_microbatches=len(micro_batches), seq_length=seq_length,
+            micro_batch_size=b * streams,
             forward_only=forward_only,
             p2p_communicator=P2PCommunicator(pp_group=groups.pp_group, config=model.config),
             pg_collection=groups.pg_collection,

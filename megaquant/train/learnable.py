@@ -25,6 +25,9 @@ scale parameter carries the marks Megatron's own params carry):
 * **EP**: a routed expert's scales live only on its EP rank: marked ``allreduce=False`` like
   the expert's weight, so they are summed over the expert-data-parallel group, never over EP;
   their TP sum uses the expert-TP group.
+* **PP**: nothing to add. PP never shares a layer: a scale lives with its layer on that
+  layer's stage, gets its gradient from that stage's backward, and its square joins the
+  stage's grad norm, which is summed over the pipeline group (``optim.grad_norm``).
 
 The optimizer puts scale parameters (``quant_scale``) into their own AdamW group with no weight
 decay and ``lr * lr_scale`` (the schedule scales both groups alike).

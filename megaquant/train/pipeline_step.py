@@ -17,7 +17,8 @@ pipeline parallelism adds:
   of a tied weight (Megatron marks it ``shared``) is counted once, on the first stage.
 * The loss is reduced on the last stage and broadcast, so every rank logs the same number.
 
-Distillation (QAD) under PP is refused by the QAT job: the teacher would need staging too.
+Distillation (QAD): the teacher is staged like the student and its activations travel with
+the student's (``train/pipeline_distill.py``, which also says why this design).
 """
 
 from __future__ import annotations
@@ -65,13 +66,19 @@ def pipeline_train_step(model: nn.Module, optimizer, mine: list[Tensor], n_token
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    records = run_schedule(model, mine, groups, _lm_step(n_tokens, len(mine), precision_ctx),
-                           seq_length=ctx.windows.shape[1] - 1, forward_only=False)
+    runner, step, streams = model, _lm_step(n_tokens, len(mine), precision_ctx), 1
+    if ctx.distill.enabled:
+        from megaquant.train.pipeline_distill import DistillPair, distill_step
+
+        runner, streams = DistillPair(model, ctx.teacher).train(), 2
+        step = distill_step(n_tokens, len(mine), ctx, precision_ctx)
+    records = run_schedule(runner, mine, groups, step, seq_length=ctx.windows.shape[1] - 1,
+                           forward_only=False, streams=streams)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for record in records:
         total += record["loss"]
     reduce_gradients(model, dp_group=ctx.dp_group, tp_group=ctx.tp_group,
-                     expert_dp_group=ctx.expert_dp_group)
+                     expert_dp_group=ctx.expert_dp_group, expert_tp_group=ctx.expert_tp_group)
     reduce_tied_embedding_grad(model)
     norm = clip_gradients(model, ctx.grad_clip, ctx.tp_group, expert_tp_group=ctx.expert_tp_group,
                           ep_group=ctx.ep_group, pp_group=groups.pp_group)

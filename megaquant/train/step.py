@@ -89,7 +89,17 @@ def micro_batch_loss(model: nn.Module, tokens: Tensor, ctx: StepContext) -> Tens
         with torch.no_grad():
             teacher_logits = ctx.teacher(inputs, pos, None)
         logits = model(inputs, pos, None)
-    loss = d.kl_weight * vocab_parallel_kl(logits, teacher_logits, ctx.tp_group,
+    return distill_loss(logits, teacher_logits, labels, d, ctx.tp_group)
+
+
+def distill_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, d: DistillConfig,
+                 tp_group) -> Tensor:
+    """Sum over tokens of ``kl_weight * KL(teacher || student) + lm_weight * NLL``.
+
+    ``logits``/``teacher_logits``: ``[b, s, V/tp]`` (vocab-parallel); ``labels``: ``[b, s]``.
+    Shared by the single-stage step and the last pipeline stage (``train/pipeline_distill``).
+    """
+    loss = d.kl_weight * vocab_parallel_kl(logits, teacher_logits, tp_group,
                                            d.temperature).sum()
     if d.lm_weight:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy

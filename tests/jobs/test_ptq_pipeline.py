@@ -8,7 +8,8 @@ same per-layer math, the same token-weighted float64 reduction), the quantized l
 the same (global names), and exporting the PP=2 checkpoint (loaded at PP=1 by the exporter)
 must give byte-identical files to exporting the PP=1 checkpoint, which also checks that every
 amax and quantizer state saved from its stage matches. The other direction: the PP=1
-checkpoint loaded into PP=2 stages (weights and quantizer state) evaluates to the PP=1 loss.
+checkpoint loaded into PP=2 stages (weights and quantizer state) evaluates to the PP=1 loss;
+loaded into 4-layer PP=2 stages it is refused with both layer counts named.
 """
 
 import filecmp
@@ -29,14 +30,23 @@ def _load_at_pp2(ckpt, text):
     from megaquant.ptq import load_quantized
     from megaquant.spec import get_spec_provider
 
-    init_distributed(timeout_s=120)
+    init_distributed(timeout_s=300)  # a hang is caught by run_ranks' own limit; load is slow
     groups = init_model_parallel(pp=2)
     loaded = load_model_source({"source": "megatron", "path": str(ckpt), "seq_length": 64})
     stage = stage_layout(loaded.arch.num_layers, 2, groups.pp_rank, first=2)
     model = build_gpt_model(loaded.arch, get_spec_provider("local"), stage=stage)
     load_quantized(model, ckpt)
     evals = token_batches(text, loaded.tokenizer, 5, 64, 2)
-    return pipeline_evaluate_loss(model, evals, groups)
+    loss = pipeline_evaluate_loss(model, evals, groups)
+    # The same checkpoint (3 layers) into 4-layer stages (2+2): refused naming both depths.
+    deeper = type(loaded.arch).from_dict({**vars(loaded.arch), "num_layers": 4})
+    model = build_gpt_model(deeper, get_spec_provider("local"),
+                            stage=stage_layout(4, 2, groups.pp_rank))
+    try:
+        load_quantized(model, ckpt)
+    except ValueError as e:
+        return loss, str(e)
+    return loss, None
 
 
 def _ptq(tmp_path, name, *extra):
@@ -68,7 +78,7 @@ def _same_tree(a, b):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # a hang guard above the sum of the steps' own limits (1700 s)
 def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
     s1 = _ptq(tmp_path, "pp1")
     s2 = _ptq(tmp_path, "pp2", "parallel.pp=2", "parallel.pp_last_layers=2")
@@ -82,15 +92,18 @@ def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
     assert s2["eval_tokens"] == s1["eval_tokens"]
     _same_tree(_export(tmp_path, "pp1"), _export(tmp_path, "pp2"))
     # PP=1 checkpoint -> PP=2 stages split 2+1 (the PP=2 run split 1+2: layouts are free).
-    losses = run_ranks(_load_at_pp2, world_size=2,
-                       args=(tmp_path / "pp1" / "checkpoint", tmp_path / "text.txt"),
-                       timeout_s=300)
-    assert losses[0] == losses[1] == pytest.approx(s1["eval"]["loss_quant"], rel=1e-6)
+    (loss0, err0), (loss1, err1) = run_ranks(
+        _load_at_pp2, world_size=2, args=(tmp_path / "pp1" / "checkpoint", tmp_path / "text.txt"),
+        timeout_s=300)
+    assert loss0 == loss1 == pytest.approx(s1["eval"]["loss_quant"], rel=1e-6)
+    for err in (err0, err1):  # every stage refuses, naming both layer counts
+        assert err is not None and "holds a model of 3 decoder layers" in err, err
+        assert "the model built here has 4" in err and "model.arch.num_layers=3" in err, err
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1500)  # above the two runs' own limits (2 x 600 s)
 @pytest.mark.parametrize("model,extra", [
     ("tiny", ["parallel.tp=2"]),      # TP splits the matmuls (another summation order)
     ("tiny_moe", ["parallel.ep=2"]),  # experts split over 2 ranks on each stage

@@ -3,24 +3,31 @@
 Two spawned ranks at PP=2 (the tiny model, one layer per stage). Rank 1 (the last stage) exits
 abruptly after building its stage, before the evaluation schedule; rank 0 runs the schedule and
 must raise, either at once (gloo sees the closed connection) or after the job's collective
-timeout (``init_distributed(timeout_s=...)``, 20 s here), and exit non-zero. The parent waits
+timeout (``init_distributed(timeout_s=...)``, 60 s here), and exit non-zero. The parent waits
 well past that timeout; a hang fails the test instead of blocking the run.
+
+Under load: the timeout also bounds how far apart the two ranks may be while they set up
+(groups, the tied-embedding all-reduce); 60 s leaves room for a loaded 2-core machine (with
+20 s, a rank delayed that long would fail outside the schedule, with another exit code).
+The rendezvous store is held by the parent (port 0, as in ``tests.distributed_utils``), so no
+other process can take the port between choosing and binding it.
 """
 
 import multiprocessing as mp
 import os
 import time
+from datetime import timedelta
 
 import pytest
+from torch.distributed import TCPStore
 
-from tests.distributed_utils import free_port
-
-GROUP_TIMEOUT_S = 20
+GROUP_TIMEOUT_S = 60
 
 
 def _rank(rank: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     import torch
 
     from megaquant.megatron.dist import init_distributed, init_model_parallel
@@ -45,11 +52,12 @@ def _rank(rank: int, port: int) -> None:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_dead_last_stage_makes_first_stage_exit_nonzero():
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port)) for r in range(2)]
+    store = TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=300))
+    procs = [ctx.Process(target=_rank, args=(r, store.port)) for r in range(2)]
     start = time.monotonic()
     for p in procs:
         p.start()
