@@ -233,6 +233,9 @@ CONTRACT: tuple[Use, ...] = (
         ".shared_embedding_or_output_weight"),
     Use("megatron.core.models.common.language_module.language_module.LanguageModule"
         ".setup_embeddings_and_output_layer"),
+    # QAD under PP (train/pipeline_distill.py): the schedule calls set_input_tensor on the model
+    # it is given; DistillPair overrides it with this signature and forwards to both GPTModels
+    Use("megatron.core.models.gpt.GPTModel.set_input_tensor", ("input_tensor",), exact=True),
 )
 
 
