@@ -2,8 +2,10 @@
 
 ``nvfp4_mrgptq`` (residual rotation, online block Hadamard on down_proj, sequential act-order
 GPTQ with four-over-six scales) on the tiny GPT with *tied* embeddings (so untying is exercised)
-at TP=2, and on SmolLM2's first 2 blocks at TP=3 (slow). Reference: the TP=1 run from the same
-weights. Rotations act along the hidden dim (never split) or inside blocks of a rank's own
+at TP=2 (with and without sequence parallelism: sequential GPTQ replays each rank's sequence
+shard, calib/replay.py), and on SmolLM2's first 2 blocks at TP=3 (slow). Reference: the TP=1
+run from the same weights. Rotations act along the hidden dim (never split) or inside blocks of
+a rank's own
 input slice, so the rotated weights are those of TP=1 up to float rounding; compared: the loss
 (tiny: atol 1e-4 on ~5.5), the weight amax (rtol 1e-5) and the rotated embedding and output
 layer (rtol 1e-5).
@@ -64,7 +66,7 @@ def _gather_rows(t, group):
     return torch.cat(parts, 0)
 
 
-def _tiny_run(groups, tp, full):
+def _tiny_run(groups, tp, full, sp=False):
     import megaquant
     from megaquant.evaluate import evaluate_loss, run_forward
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
@@ -73,7 +75,7 @@ def _tiny_run(groups, tp, full):
 
     calib, evals = [b[:, :-1] for b in _batches(3, 1)], _batches(2, 2)
     model = build_gpt_model(tiny_gpt_config(tie_embeddings=True), get_spec_provider("local"),
-                            tp_size=tp)
+                            tp_size=tp, sequence_parallel=sp)
     shard_state_dict(model, full, groups.tp_rank, tp)
     megaquant.quantize(model, RECIPE, lambda m: run_forward(m, calib, "calib", groups.dp_group),
                        dp_group=groups.dp_group)
@@ -87,7 +89,8 @@ def _tiny_tp2(full):
     from megaquant.megatron.dist import init_distributed, init_model_parallel
 
     init_distributed(timeout_s=120)
-    return _tiny_run(init_model_parallel(tp=2), 2, full)
+    groups = init_model_parallel(tp=2)
+    return _tiny_run(groups, 2, full), _tiny_run(groups, 2, full, sp=True)
 
 
 def _compare(got, want, where, loss_tol):
@@ -110,8 +113,9 @@ def test_mrgptq_recipe_tp2_matches_single_process(megatron_single):
     full = _tiny_full_state()
     ref = _tiny_run(megatron_single, 1, full)
     assert not torch.equal(ref["emb"], ref["out"])  # untied by the rotation
-    for rank, got in enumerate(run_ranks(_tiny_tp2, 2, (full,), timeout_s=540)):
+    for rank, (got, got_sp) in enumerate(run_ranks(_tiny_tp2, 2, (full,), timeout_s=540)):
         _compare(got, ref, f"TP=2 rank {rank}", 1e-4)
+        _compare(got_sp, ref, f"TP=2 with sequence parallelism, rank {rank}", 1e-4)
 
 
 ROTATIONS_ONLY = [{"algorithm": "rotate_residual"},
