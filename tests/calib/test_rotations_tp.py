@@ -3,10 +3,10 @@
 ``nvfp4_mrgptq`` (residual rotation, online block Hadamard on down_proj, sequential act-order
 GPTQ with four-over-six scales) on the tiny GPT with *tied* embeddings (so untying is exercised)
 at TP=2 (with and without sequence parallelism: sequential GPTQ replays each rank's sequence
-shard, calib/replay.py), and on SmolLM2's first 2 blocks at TP=3 (slow). Reference: the TP=1
-run from the same weights. Rotations act along the hidden dim (never split) or inside blocks of
-a rank's own
-input slice, so the rotated weights are those of TP=1 up to float rounding; compared: the loss
+shard, calib/replay.py) and DP=2 (each rank replays its own batches), and on SmolLM2's first 2
+blocks at TP=3 (slow). Reference: the TP=1 run from the same weights. Rotations act along the
+hidden dim (never split) or inside blocks of a rank's own input slice, so the rotated weights
+are those of TP=1 up to float rounding; compared: the loss
 (tiny: atol 1e-4 on ~5.5), the weight amax (rtol 1e-5) and the rotated embedding and output
 layer (rtol 1e-5).
 
@@ -90,7 +90,8 @@ def _tiny_tp2(full):
 
     init_distributed(timeout_s=120)
     groups = init_model_parallel(tp=2)
-    return _tiny_run(groups, 2, full), _tiny_run(groups, 2, full, sp=True)
+    tp2, sp = _tiny_run(groups, 2, full), _tiny_run(groups, 2, full, sp=True)
+    return tp2, sp, _tiny_run(init_model_parallel(tp=1), 1, full)  # DP=2
 
 
 def _compare(got, want, where, loss_tol):
@@ -113,9 +114,11 @@ def test_mrgptq_recipe_tp2_matches_single_process(megatron_single):
     full = _tiny_full_state()
     ref = _tiny_run(megatron_single, 1, full)
     assert not torch.equal(ref["emb"], ref["out"])  # untied by the rotation
-    for rank, (got, got_sp) in enumerate(run_ranks(_tiny_tp2, 2, (full,), timeout_s=540)):
+    for rank, (got, got_sp, got_dp) in enumerate(run_ranks(_tiny_tp2, 2, (full,),
+                                                           timeout_s=540)):
         _compare(got, ref, f"TP=2 rank {rank}", 1e-4)
         _compare(got_sp, ref, f"TP=2 with sequence parallelism, rank {rank}", 1e-4)
+        _compare(got_dp, ref, f"DP=2 rank {rank}", 1e-4)
 
 
 ROTATIONS_ONLY = [{"algorithm": "rotate_residual"},
