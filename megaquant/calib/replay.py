@@ -89,8 +89,8 @@ class LayerReplay:
             seen.append(_hidden(args, kwargs).detach())
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True)]
-        if self.last is not None:  # registered first: ``layer`` may be the window's first
-            handles.insert(0, layers[start].register_forward_pre_hook(replay, with_kwargs=True))
+        if self.last is not None:  # the window's first layer (start < end) gets cached inputs
+            handles.append(layers[start].register_forward_pre_hook(replay, with_kwargs=True))
         try:
             with self._window(layers[start:end + 1]):
                 forward_loop(model)
