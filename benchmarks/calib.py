@@ -10,6 +10,8 @@ and appends it to benchmarks/RESULTS.md with the date and machine.
     python benchmarks/calib.py --only nvfp4:smoothquant+gptq int8_sq:recipe   # a chain; a
                                                      # built-in recipe with its own calib section
     python benchmarks/calib.py --tp 3 --only int8:smoothquant    # under torchrun, TP=3 check
+    python benchmarks/calib.py --only "int8:[rotate_residual, {algorithm: smoothquant, alpha: 0.8}]"
+                                                     # a YAML calib section, options included
 
 Under ``torchrun --nproc-per-node=3 ... --tp 3`` the same numbers come out at TP=3 (the
 algorithms' parallel rules make them match TP=1 within float rounding).
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from megaquant.data import default_calib_text, default_eval_text, token_batches
 from megaquant.evaluate import evaluate_loss, run_forward
@@ -51,9 +54,14 @@ MATRIX = {  # recipe -> calibrations compared (the first is RTN with max calibra
 
 def calib_spec(algo: str):
     """``"a+b"`` -> a chain of algorithms with default options; ``"recipe"`` -> the recipe's own
-    ``calib:`` section (None); anything else -> one algorithm's name."""
+    ``calib:`` section (None); ``"[...]"`` or ``"{...}"`` -> a YAML calib section (options
+    included); anything else -> one algorithm's name."""
     if algo == "recipe":
         return None
+    if algo[:1] in "[{":
+        spec = yaml.safe_load(algo)
+        return [{"algorithm": s} if isinstance(s, str) else s for s in spec] \
+            if isinstance(spec, list) else spec
     return algo.split("+") if "+" in algo else algo
 
 

@@ -14,16 +14,18 @@ def shard_state_dict(model, full_state, tp_rank: int, tp: int) -> None:
         if (not isinstance(shard, torch.Tensor) or name.endswith("_extra_state")
                 or name not in full_state):
             continue
-        full = full_state[name]
-        if full.shape == shard.shape:
-            shard.copy_(full)
-            continue
-        dim = next(d for d in range(full.dim()) if full.shape[d] == tp * shard.shape[d])
-        if "linear_fc1" in name:
-            gate, up = full.chunk(2, dim=dim)
-            shard.copy_(torch.cat([gate.chunk(tp, dim)[tp_rank], up.chunk(tp, dim)[tp_rank]], dim))
-        else:
-            shard.copy_(full.chunk(tp, dim=dim)[tp_rank])
+        shard.copy_(shard_of(name, full_state[name], shard.shape, tp_rank, tp))
+
+
+def shard_of(name: str, full: torch.Tensor, shape, tp_rank: int, tp: int) -> torch.Tensor:
+    """Rank ``tp_rank``'s ``shape``-sized shard of the TP=1 tensor ``full`` called ``name``."""
+    if full.shape == shape:
+        return full
+    dim = next(d for d in range(full.dim()) if full.shape[d] == tp * shape[d])
+    if "linear_fc1" in name:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim)[tp_rank], up.chunk(tp, dim)[tp_rank]], dim)
+    return full.chunk(tp, dim=dim)[tp_rank]
 
 
 def unsharded_amax(model, rename=lambda name: name) -> dict:

@@ -30,8 +30,11 @@ forward pass each with every quantizer *on*: a block's Hessians are built from t
 GEMMs really receive at run time, i.e. produced by the already-GPTQ'd previous blocks with
 quantized activations, and quantized by the layer's own input quantizer (after its online
 transform, if any). The layers of one block share a pass (qkv, proj, fc1, fc2), with that
-block's own weights unquantized (they are not GPTQ'd yet). Costs one calibration forward per
-block instead of one per ``layers_per_pass`` linears.
+block's own weights unquantized (they are not GPTQ'd yet). Each pass runs only that block and
+the one before it, from the previous block's inputs cached by the pass before
+(:mod:`megaquant.calib.replay`: the same tensors a full forward gives, two layer forwards per
+block instead of the whole model); where replay does not apply (pipeline stages, a quantized
+linear outside the decoder layers) every pass runs the whole model.
 
 ``act_order: true`` processes the format's blocks (single columns for per-channel formats) in
 order of decreasing ``sum diag(H)`` (inputs that carry the most energy first, while the most
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 
 import torch
@@ -66,6 +70,7 @@ from megaquant.calib.capture import (
     warn,
     weight_amax,
 )
+from megaquant.calib.replay import LayerReplay, find_layers
 from megaquant.recipe_calib import GPTQOptions as Options
 
 
@@ -236,11 +241,14 @@ def _quantize_layer(name, layer, st, opts: Options):
     return out, amax
 
 
+_BLOCK = re.compile(r"(.*\.layers\.\d+)\.")
+
+
 def stages(layers: list[tuple[str, object]]) -> list[list[tuple[str, object]]]:
     """Consecutive linears of one transformer block (``...layers.<i>.``) as one stage each."""
     out, key = [], None
     for name, layer in layers:
-        m = re.match(r"(.*\.layers\.\d+)\.", name)
+        m = _BLOCK.match(name)
         k = m.group(1) if m else name
         if out and k == key:
             out[-1].append((name, layer))
@@ -248,6 +256,21 @@ def stages(layers: list[tuple[str, object]]) -> list[list[tuple[str, object]]]:
             out.append([(name, layer)])
         key = k
     return out
+
+
+def _replayed_loops(model, parts, forward_loop) -> list | None:
+    """Per stage, a forward loop that runs only its block from cached inputs (calib/replay.py),
+    or None where the model does not allow it (then every stage runs the whole model)."""
+    names = [_BLOCK.match(part[0][0]) for part in parts]
+    if not all(names):
+        return None
+    found = find_layers(model, [m.group(1) for m in names])
+    if found is None:
+        return None
+    gpt, block, owners = found
+    replay = LayerReplay(gpt, block)
+    return [functools.partial(replay.run, forward_loop=forward_loop, layer=layer)
+            for layer in owners]
 
 
 @contextlib.contextmanager
@@ -273,11 +296,12 @@ def run(model, opts: Options, forward_loop, dp_group) -> dict:
 
         calibrate(model, forward_loop, dp_group=dp_group)
     parts = stages(layers) if opts.sequential else chunks(layers, opts.layers_per_pass)
+    loops = _replayed_loops(model, parts, forward_loop) if opts.sequential else None
     bar = progress(layers, "gptq (sequential)" if opts.sequential else "gptq")
-    for part in parts:
+    for i, part in enumerate(parts):
         with _float_weights(part if opts.sequential else []):
-            stats = capture_inputs(model, forward_loop, part, dp_group, hessian=True,
-                                   full_input=True, quantized=opts.sequential)
+            stats = capture_inputs(model, loops[i] if loops else forward_loop, part, dp_group,
+                                   hessian=True, full_input=True, quantized=opts.sequential)
         for name, layer in part:
             w, amax = _quantize_layer(name, layer, stats.pop(name), opts)
             if w is not None:

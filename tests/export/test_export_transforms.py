@@ -204,3 +204,19 @@ def test_mxfp4_mrgptq_exports_compressed_tensors_with_transform_and_refuses_mode
         f"model.layers.{i}.mlp.down_proj" for i in range(cfg.num_layers)]
     with pytest.raises(ValueError, match="'modelopt' refused.*block Hadamard.*down_proj"):
         export_model(model, cfg, tmp_path / "m", layouts=["modelopt"], dtype="bfloat16")
+
+
+def test_int8_sq_had_exports_compressed_tensors_with_its_block_256_transform(megatron_single,
+                                                                            tmp_path):
+    """INT8 W8A8 with an online block Hadamard of 256 on down_proj: compressed-tensors only,
+    with the transform (ModelOpt refuses it)."""
+    from megaquant.export import export_model
+
+    model, cfg = quantized_tiny("int8_sq_had", megatron_single.dp_group, ffn_hidden_size=256)
+    report = export_model(model, cfg, tmp_path / "x", dtype="bfloat16")
+    assert sorted(report.layouts) == ["compressed-tensors"]
+    assert "block Hadamard" in report.skipped_layouts["modelopt"]
+    config = json.loads((tmp_path / "x" / "compressed-tensors" / "config.json").read_text())
+    (group,) = config["quantization_config"]["transform_config"]["config_groups"].values()
+    assert group["head_dim"] == 256 and sorted(group["apply"][0]["targets"]) == [
+        f"model.layers.{i}.mlp.down_proj" for i in range(cfg.num_layers)]
