@@ -8,8 +8,8 @@ layers (scales included). The attention cost is the core attention of one layer 
 K/V quantizers on vs off (median of ``--repeats``; target <= 1.2x). Prints a table and appends
 it to benchmarks/RESULTS.md.
 
-    python benchmarks/kv.py                            # 8 x 512 and 1 x 2048 tokens
-    python benchmarks/kv.py --long 8192 --recipes fp32 kv_fp8
+    python benchmarks/kv.py                            # 8 x 512 and 1 x 8192 tokens
+    python benchmarks/kv.py --long 4096 --recipes fp32 kv_fp8
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--long", type=int, default=2048)
+    p.add_argument("--long", type=int, default=8192)  # SmolLM2's max_position_embeddings
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
