@@ -135,7 +135,8 @@ def report(args, rows, cost) -> None:
     fp = base.get("fp32")
     lines = [f"## benchmarks/kv.py: SmolLM2-135M KV-cache quantization, {machine}", "",
              f"Perplexity on {args.eval_samples} x {args.seq} and 1 x {args.long} tokens of "
-             f"Hamlet; calibration {args.calib_samples} x {args.seq} tokens of other plays (max). "
+             f"Hamlet; calibration {args.calib_samples} x {args.seq} tokens of other plays (max; "
+             "kv_fp8_mse: MSE-searched FP8 K/V scales). "
              "x ref: against fp32 for KV alone, against the weight recipe without KV "
              "otherwise. "
              "KV bytes per token: K and V over all layers (bf16 cache = 2 bytes a value).",
