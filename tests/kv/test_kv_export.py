@@ -92,17 +92,20 @@ def test_kv_export_nvfp4_kv_modelopt_only(megatron_single, tmp_path):
         export_model(model, cfg, tmp_path / "y", layouts=["compressed-tensors"], dtype="bfloat16")
 
 
-def test_kv_export_from_a_saved_checkpoint(megatron_single, tmp_path):
+@pytest.mark.parametrize("rules", [NVFP4, None], ids=["nvfp4_fp8kv", "kv_fp8"])
+def test_kv_export_from_a_saved_checkpoint(megatron_single, tmp_path, rules):
     """The K/V amax travels through a PTQ checkpoint (dist-ckpt) into export_checkpoint."""
     from megaquant.export import export_checkpoint
     from megaquant.megatron.checkpoint import save_checkpoint
+    from megaquant.recipe import load_recipe
 
-    model, cfg, want = _quantized("fp8")
-    recipe = {"name": "nvfp4_fp8kv", "rules": NVFP4, "kv_cache": {"format": "fp8"}}
+    model, cfg, want = _quantized("fp8", rules)
+    recipe = ({"name": "nvfp4_fp8kv", "rules": NVFP4, "kv_cache": {"format": "fp8"}} if rules
+              else load_recipe("kv_fp8").to_dict())
     save_checkpoint(model, tmp_path / "ckpt", metadata={"recipe_config": recipe,
                                                         "arch": dict(vars(cfg))})
     report = export_checkpoint(tmp_path / "ckpt", tmp_path / "x", layouts=["modelopt"])
-    assert report.kv_cache == "fp8"
+    assert report.kv_cache == "fp8" and (report.scheme == "none") == (rules is None)
     t = R.load_tensors(tmp_path / "x" / "modelopt")
     for i, (k, v) in want.items():
         torch.testing.assert_close(t[f"model.layers.{i}.self_attn.k_proj.k_scale"], k / 448,
