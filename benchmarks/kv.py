@@ -1,15 +1,16 @@
 """KV-cache quantization on the embedded SmolLM2-135M: perplexity, KV bytes per token, cost.
 
 For each recipe (KV alone: ``rules: []`` plus a ``kv_cache:`` section; weight recipes with and
-without a KV cache format): calibrate by max on other plays, then perplexity on Hamlet in
+without a KV cache format): calibrate by max (``kv_fp8_mse``: MSE-searched FP8 K/V scales,
+:mod:`megaquant.calib.kv_mse`) on other plays, then perplexity on Hamlet in
 ``--seq``-token windows and in one ``--long``-token window (the cache is exercised at long
 context, not at 512 tokens). KV bytes per token are what an engine stores for K and V over all
 layers (scales included). The attention cost is the core attention of one layer on one window,
 K/V quantizers on vs off (median of ``--repeats``; target <= 1.2x). Prints a table and appends
 it to benchmarks/RESULTS.md.
 
-    python benchmarks/kv.py                            # 8 x 512 and 1 x 2048 tokens
-    python benchmarks/kv.py --long 8192 --recipes fp32 kv_fp8
+    python benchmarks/kv.py                            # 8 x 512 and 1 x 8192 tokens
+    python benchmarks/kv.py --long 4096 --recipes fp32 kv_fp8
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ from megaquant.ptq import quantize
 from megaquant.recipe import load_recipe
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-KV_ONLY = {"kv_fp8": "fp8", "kv_fp8_unit": "fp8", "kv_nvfp4": "nvfp4"}
-DEFAULT = ["fp32", "kv_fp8", "kv_fp8_unit", "kv_nvfp4", "fp8", "fp8_kv", "nvfp4", "nvfp4_fp8kv",
-           "nvfp4_nvfp4kv"]
+# KV alone (no quantized linear): the kv_cache section, and the calibration if not max
+KV_ONLY = {"kv_fp8": ({"format": "fp8"}, None),
+           "kv_fp8_unit": ({"format": "fp8", "scale": "unit"}, None),
+           "kv_fp8_mse": ({"format": "fp8"}, {"algorithm": "mse"}),  # calib/kv_mse.py
+           "kv_nvfp4": ({"format": "nvfp4"}, None)}
+DEFAULT = ["fp32", "kv_fp8", "kv_fp8_unit", "kv_fp8_mse", "kv_nvfp4", "fp8", "fp8_kv", "nvfp4",
+           "nvfp4_fp8kv", "nvfp4_nvfp4kv"]
 BYTES_PER_VALUE = {None: 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}  # bf16 cache; NVFP4 + E4M3/16
 
 
 def _recipe(name: str):
     if name in KV_ONLY:
-        kv = {"format": KV_ONLY[name], "scale": "unit" if name.endswith("unit") else "calibrated"}
-        return {"name": name, "rules": [], "kv_cache": kv}
+        kv, calib = KV_ONLY[name]
+        return {"name": name, "rules": [], "kv_cache": kv, **({"calib": calib} if calib else {})}
     return name
 
 
@@ -91,7 +96,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--long", type=int, default=2048)
+    p.add_argument("--long", type=int, default=8192)  # SmolLM2's max_position_embeddings
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
@@ -130,7 +135,8 @@ def report(args, rows, cost) -> None:
     fp = base.get("fp32")
     lines = [f"## benchmarks/kv.py: SmolLM2-135M KV-cache quantization, {machine}", "",
              f"Perplexity on {args.eval_samples} x {args.seq} and 1 x {args.long} tokens of "
-             f"Hamlet; calibration {args.calib_samples} x {args.seq} tokens of other plays (max). "
+             f"Hamlet; calibration {args.calib_samples} x {args.seq} tokens of other plays (max; "
+             "kv_fp8_mse: MSE-searched FP8 K/V scales). "
              "x ref: against fp32 for KV alone, against the weight recipe without KV "
              "otherwise. "
              "KV bytes per token: K and V over all layers (bf16 cache = 2 bytes a value).",

@@ -57,8 +57,7 @@ def _calib_config(recipe: Recipe, calib) -> CalibConfig:
     if calib is None:
         return recipe.calib
     algo = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(calib)
-    roles = [(role, cfg) for rule in recipe.rules for role, cfg in rule.roles.items()]
-    check_recipe_roles(algo, roles)
+    check_recipe_roles(algo, recipe.roles())
     return algo
 
 

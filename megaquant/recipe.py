@@ -219,9 +219,8 @@ class Recipe:
         if not isinstance(self.calib, CalibConfig):
             raise TypeError(f"recipe {self.name!r}: calib must be a CalibConfig, got "
                             f"{type(self.calib).__name__}; use CalibConfig.from_dict(...)")
-        roles = [(role, cfg) for rule in self.rules for role, cfg in rule.roles.items()]
         try:
-            check_recipe_roles(self.calib, roles)
+            check_recipe_roles(self.calib, self.roles())
         except ValueError as e:
             raise ValueError(f"recipe {self.name!r}: {e}") from e
 
@@ -257,6 +256,15 @@ class Recipe:
     def is_excluded(self, name: str) -> str | None:
         """The exclude pattern that matches ``name``, or None."""
         return next((p for p in self.exclude if fnmatch.fnmatchcase(name, p)), None)
+
+    def roles(self) -> list:
+        """Every (role, QuantizerConfig) the recipe sets, the KV cache's ``k``/``v`` included:
+        what a calibration algorithm is checked against."""
+        roles = [(role, cfg) for rule in self.rules for role, cfg in rule.roles.items()]
+        if self.kv_cache is not None:
+            kv = QuantizerConfig(format=self.kv_cache.format)
+            roles += [("k", kv), ("v", kv)]
+        return roles
 
     def resolve(self, name: str) -> dict:
         """Role -> QuantizerConfig | None for layer ``name`` (last matching rule wins per role)."""

@@ -112,8 +112,10 @@ def _quantizes(roles, role: str) -> bool:
 
 
 def _check_mse(roles) -> None:
-    if not _quantizes(roles, "weight"):
-        raise ValueError("MSE search works on weight scales, but the recipe quantizes no weights")
+    fp8_kv = any(r == "k" and c is not None and c.format == "fp8" for r, c in roles)
+    if not _quantizes(roles, "weight") and not fp8_kv:
+        raise ValueError("MSE search works on weight scales and FP8 KV-cache scales, but the "
+                         "recipe quantizes no weights and has no fp8 kv_cache")
 
 
 def _check_smoothquant(roles) -> None:
@@ -167,9 +169,10 @@ ALGORITHMS: dict[str, Algorithm | None] = {  # "max": plain max calibration, not
     "rotate_heads": Algorithm(RotateHeadsOptions, _check_any, needs_data=False),
 }
 VALID_COMBINATIONS = (
-    "max: any recipe; mse: recipes with weight quantizers (searches weight amax and block "
-    "clipping); smoothquant: recipes that quantize activations (input) and weights, e.g. int8, "
-    "fp8, nvfp4; awq: weight-only recipes (no input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
+    "max: any recipe; mse: recipes with weight quantizers or an fp8 kv_cache (searches weight "
+    "amax and block clipping, and FP8 K/V scales); smoothquant: recipes that quantize "
+    "activations (input) and weights, e.g. int8, fp8, nvfp4; awq: weight-only recipes (no "
+    "input quantizer), e.g. int4_w4a16, nvfp4_w4a16; "
     "gptq: recipes with weight quantizers; rotate_residual: any recipe of a dense RMSNorm GPT; "
     "rotate_heads: any recipe; block_hadamard: recipes with weight quantizers (local linears); "
     "in a chain, smoothquant and awq must come before block_hadamard (they fold per-channel "

@@ -17,7 +17,8 @@ squared error ``||Q(w) - w||^2``. This module searches, per scale group, a clip 
    the run-time quantization reproduces exactly the evaluated result.
 
 Weights only: activation scales stay max-calibrated (an activation outlier carries signal,
-and clipping it is what SmoothQuant avoids by other means).
+and clipping it is what SmoothQuant avoids by other means). The one exception is an FP8 KV
+cache, whose per-layer K/V scales are searched without clipping (:mod:`megaquant.calib.kv_mse`).
 
 Parallel rules: the error of a TP-shared amax (per tensor; per channel of a row-parallel weight,
 whose rows are split over ranks) is SUM-reduced over TP before the argmin, so every rank picks
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from megaquant.calib import kv_mse
 from megaquant.calib.capture import all_reduce, progress, quant_linears, weight_amax
 from megaquant.calib.sync import SyncItem, tp_reduced
 from megaquant.recipe_calib import MSEOptions as Options
@@ -105,4 +107,5 @@ def run(model, opts: Options, forward_loop, dp_group) -> dict:
         bs = getattr(q.fmt, "block_size", None)
         if opts.blocks and bs:
             layer.weight.data.copy_(search_block_clip(q.fmt, w, amax, ratios))
+    pins.update(kv_mse.search(model, opts.ratios, forward_loop, dp_group))
     return pins

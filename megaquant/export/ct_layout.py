@@ -138,6 +138,13 @@ def quantization_config(scheme: str, ignore: list[str], *, block_size: int | Non
     return _config(FORMAT[scheme], {"group_0": _group(scheme, block_size, ["Linear"])}, ignore)
 
 
+def no_linears_config(ignore: list[str]) -> dict:
+    """No quantized linear (a KV-cache-only recipe): no config group, format ``dense`` (the
+    weights are stored as they are), every linear in ``ignore`` (readers that match linears
+    against targets keep them unquantized); :mod:`megaquant.export.kv` adds ``kv_cache_scheme``."""
+    return _config("dense", {}, ignore)
+
+
 def mixed_quantization_config(schemes: dict, ignore: list[str]) -> dict:
     """Mixed precision: one config group per scheme, targeting its HF modules by name (the
     library matches a target against module names as well as class names); the top-level

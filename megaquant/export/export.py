@@ -78,8 +78,11 @@ class ExportReport:
 
     def summary(self) -> str:
         parts = [f"{k}: {v['bits_per_param']:.3f} bits/param overall, "
-                 f"{v['quantized_bits_per_param']:.3f} in quantized linears"
+                 + (f"{v['quantized_bits_per_param']:.3f} in quantized linears"
+                    if v["quantized_bits_per_param"] is not None else "no quantized linear")
                  for k, v in self.layouts.items()]
+        if self.kv_cache:
+            parts.append(f"{self.kv_cache} KV cache (per-layer k_scale / v_scale)")
         notes = ([f"online block Hadamard on {len(self.online_transforms)} modules"]
                  if self.online_transforms else [])
         return (f"{self.family} scheme {self.scheme}, unquantized tensors in {self.dtype}; "
@@ -171,11 +174,14 @@ def _check_no_nan_marker(q: L.QuantLinear) -> None:
                          f"{bad[0].tolist()}): fix the checkpoint's weights before exporting")
 
 
-def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], list[str]]:
+def collect(model: torch.nn.Module, arch, *, kv_only: bool = False
+            ) -> tuple[str, list[L.QuantLinear], list[str]]:
     """(the model's scheme, its quantized HF linears, HF names of unquantized linears).
 
     A mixed-precision model (layers in different schemes) has the scheme ``"a+b"`` (sorted);
-    each :class:`~megaquant.export.layouts.QuantLinear` carries its own ``scheme``.
+    each :class:`~megaquant.export.layouts.QuantLinear` carries its own ``scheme``. With
+    ``kv_only`` (the model has KV-cache quantizers) a model without quantized linears has the
+    scheme :data:`~megaquant.export.layouts.NO_LINEARS` and no quantized linear.
     """
     layers, excluded, schemes = [], list(router_names(arch)), {}
     for name, layer in _linear_modules(model):
@@ -186,9 +192,11 @@ def collect(model: torch.nn.Module, arch) -> tuple[str, list[L.QuantLinear], lis
             continue
         schemes.setdefault(_layer_scheme(name, layer), []).append(name)
         layers.append((name, layer))
+    if not layers and kv_only:
+        return L.NO_LINEARS, [], sorted(set(excluded))
     if not layers:
-        raise ValueError("the model has no quantized linear: quantize it first "
-                         "(megaquant.quantize or ptq.load_quantized) before exporting")
+        raise ValueError("the model has no quantized linear and no KV-cache quantizer: quantize "
+                         "it first (megaquant.quantize or ptq.load_quantized) before exporting")
     scheme_of_layer = {n: s for s, names in schemes.items() for n in names}
     for s, names in sorted(schemes.items()):
         _check_whole_blocks(s, [(n, lay) for n, lay in layers if n in names])
@@ -262,7 +270,7 @@ def _bits(tensors: dict, quantized: list[L.QuantLinear], params: int) -> dict:
                  if k.rsplit(".", 1)[0] in names)
     qparams = sum(q.weight.codes.numel() for q in quantized)
     return {"bytes": nbytes, "bits_per_param": 8 * nbytes / params,
-            "quantized_bits_per_param": 8 * qbytes / qparams}
+            "quantized_bits_per_param": 8 * qbytes / qparams if qparams else None}
 
 
 def _resolve_layouts(layouts, scheme: str, dtype: torch.dtype) -> tuple[list[str], dict]:
@@ -350,8 +358,8 @@ def export_model(model: torch.nn.Module, arch, out_dir: str | Path, *, layouts="
     arch, untied = untied_arch(model, arch)
     out_dtype = resolve_dtype(dtype, source_dtype or arch.params_dtype)
     check_quantized_finite(model, before="export")
-    scheme, quantized, excluded = collect(model, arch)
     kv = KV.collect_kv(model)
+    scheme, quantized, excluded = collect(model, arch, kv_only=kv is not None)
     chosen, skipped = _resolve_layouts(layouts, scheme, out_dtype)
     chosen = _drop_kv_refusals(chosen, skipped, kv, explicit=layouts not in ("auto", None))
     transforms = online_transforms(model, arch)

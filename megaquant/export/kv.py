@@ -23,6 +23,10 @@ vLLM maps both spellings (``self_attn.k_proj.k_scale`` and ``self_attn.k_scale``
 attention layer's ``k_scale`` (``maybe_remap_kv_scale_name``). ModelOpt's own exporter raises an
 FP8 KV scale below 1.0 to 1.0; megaquant writes the scale the model was calibrated and evaluated
 with (``kv_cache: {scale: unit}`` gives exactly 1.0, as ModelOpt's ``fp8_cast``).
+
+A model whose only quantizers are these (a KV-cache-only recipe such as ``kv_fp8``) is exported
+too: its linears stay in the export dtype and each layout's config quantizes none of them
+(:data:`megaquant.export.layouts.NO_LINEARS`).
 """
 
 from __future__ import annotations

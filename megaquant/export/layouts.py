@@ -40,6 +40,10 @@ from megaquant.export import ct_layout, modelopt_layout
 from megaquant.formats import QuantFormat, QuantizedTensor
 
 LAYOUTS = ("modelopt", "compressed-tensors")
+# The scheme of a model whose linears are all unquantized and whose KV cache is quantized (a
+# KV-cache-only recipe such as ``kv_fp8``): every layout writes it, as a config that quantizes
+# no linear (ModelOpt ``quant_algo: null``, compressed-tensors no config group, format dense).
+NO_LINEARS = "none"
 _MODULES = {"modelopt": modelopt_layout, "compressed-tensors": ct_layout}
 
 
@@ -73,6 +77,8 @@ def _module(layout: str):
 def supports(layout: str, scheme: str, dtype: torch.dtype | None = None) -> bool:
     """Whether ``layout`` writes ``scheme`` (with unquantized tensors in ``dtype``, if given)."""
     mod = _module(layout)
+    if scheme == NO_LINEARS:
+        return True
     need = mod.NEEDS_DTYPE.get(scheme)
     return scheme in mod.DTYPES and (dtype is None or need is None or dtype == need)
 
@@ -113,6 +119,8 @@ def quantization_config(layout: str, schemes: "dict | str", ignore: list[str], *
     ``quantized_layers``).
     """
     mod, schemes = _module(layout), _as_schemes(schemes, block_size)
+    if not schemes or NO_LINEARS in schemes:
+        return mod.no_linears_config(ignore)
     if len(schemes) == 1:
         (scheme, (_, block)), = schemes.items()
         return mod.quantization_config(scheme, ignore, block_size=block)
@@ -123,6 +131,8 @@ def hf_quant_config(schemes: "dict | str", ignore: list[str], *,
                     block_size: int | None = None) -> dict:
     """ModelOpt's ``hf_quant_config.json`` (``schemes`` as for :func:`quantization_config`)."""
     schemes = _as_schemes(schemes, block_size)
+    if not schemes or NO_LINEARS in schemes:
+        return modelopt_layout.no_linears_hf_quant_config(ignore)
     if len(schemes) == 1:
         (scheme, (_, block)), = schemes.items()
         return modelopt_layout.hf_quant_config(scheme, ignore, block_size=block)

@@ -126,6 +126,20 @@ def mixed_hf_quant_config(schemes: dict, ignore: list[str]) -> dict:
     return {"producer": _producer(), "quantization": quant}
 
 
+def no_linears_hf_quant_config(ignore: list[str]) -> dict:
+    """No quantized linear (a KV-cache-only recipe): ``quant_algo: null``, what ModelOpt 0.47's
+    ``get_quant_config`` writes when only the KV cache is quantized and what TensorRT-LLM reads as
+    its KV-cache-only mode; :mod:`megaquant.export.kv` adds ``kv_cache_quant_algo``. Every linear
+    is listed in ``exclude_modules`` (ModelOpt leaves it out): a reader that looks there keeps
+    them unquantized."""
+    quant = {"quant_algo": None, "kv_cache_quant_algo": None, "exclude_modules": sorted(ignore)}
+    return {"producer": _producer(), "quantization": quant}
+
+
+def no_linears_config(ignore: list[str]) -> dict:
+    return {"quant_method": "modelopt", **no_linears_hf_quant_config(ignore)["quantization"]}
+
+
 def quantization_config(scheme: str, ignore: list[str], *, block_size: int | None) -> dict:
     """``config.json``'s ``quantization_config``: the same keys plus ``quant_method``."""
     return {"quant_method": "modelopt",

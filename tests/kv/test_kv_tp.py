@@ -2,9 +2,10 @@
 
 Heads (and KV groups) are split over TP, so each rank sees only its heads' keys and values:
 the per-layer K/V amax must be the MAX over TP and DP (megaquant.calib.sync). The tiny GPT
-(2 KV groups: one per rank at TP=2) is quantized with FP8 and NVFP4 KV at TP=1, TP=2, TP=2 with
-sequence parallelism and DP=2; every amax must equal TP=1's (rtol 1e-5: the same numbers, up
-to the order of row-parallel sums upstream) and the loss too (atol 1e-4).
+(2 KV groups: one per rank at TP=2) is quantized with FP8 (max and MSE-searched) and NVFP4 KV
+at TP=1, TP=2, TP=2 with sequence parallelism and DP=2; every amax must equal TP=1's (rtol
+1e-5: the same numbers, up to the order of row-parallel sums upstream) and the loss too (atol
+1e-4).
 """
 
 import pytest
@@ -15,6 +16,9 @@ from tests.sharding import on_two_rank_layouts, tiny_full_state
 
 RECIPES = {
     "fp8_kv_only": {"name": "fp8_kv_only", "rules": [], "kv_cache": {"format": "fp8"}},
+    # MSE-searched K/V scales: errors SUM-reduced over TP and DP before the argmin
+    "fp8_kv_mse": {"name": "fp8_kv_mse", "rules": [], "kv_cache": {"format": "fp8"},
+                   "calib": {"algorithm": "mse", "ratios": 8}},
     "nvfp4_nvfp4kv": {"name": "nvfp4_nvfp4kv", "kv_cache": {"format": "nvfp4"},
                       "rules": [{"modules": "*", "weight": {"format": "nvfp4"},
                                  "input": {"format": "nvfp4"}}]},
