@@ -14,6 +14,13 @@ For every group ``g`` and candidate ``c`` the model runs unquantized except for 
 ``output`` and ``fisher`` come from one forward+backward of the unquantized model per batch
 (hooks keep each layer's input, output and output gradient) plus one forward of each layer
 alone per candidate; ``kl`` re-runs the model per choice, so it reads only ``kl_batches``.
+The unquantized transformer blocks before a group's block give the same output for every
+candidate: ``kl`` records each block's output once per batch and replays it, running only the
+suffix from the group's block on (the same numbers as a full forward, at about half the cost).
+
+A candidate is a :class:`LayerState` per layer: its quantizers' format, mode and amax and, where
+the candidate's calibration algorithm rewrote the weight (GPTQ, MSE block clipping), that
+weight, swapped in while the layer is scored (:func:`quantized`).
 
 Parallel reduction: a layer's sums are local to what this rank computed. Row-parallel outputs
 are whole on every TP rank (all-reduced), so those sums are divided by the TP size; column-
@@ -24,10 +31,26 @@ once, and every rank ends with the same numbers, hence the same decision.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 SCORES = ("fisher", "output", "kl")
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """One layer as one candidate quantizes it.
+
+    ``quantizers``: quantizer name -> (format, mode, amax or None) of the enabled quantizers;
+    ``weight``: the weight the candidate's calibration algorithm wrote (None: the original).
+    """
+
+    quantizers: dict
+    weight: torch.Tensor | None = None
 
 
 def _positions(tokens):
@@ -42,7 +65,7 @@ def _replication(layer) -> int:
 
 
 def apply_state(layer, state) -> None:
-    """Configure ``layer``'s quantizers from a snapshot (None: everything off)."""
+    """Configure ``layer``'s quantizers from ``LayerState.quantizers`` (None: everything off)."""
     for qname, _, q in layer.quantizers():
         if state is None or qname not in state:
             q.configure(None, "off")
@@ -52,6 +75,26 @@ def apply_state(layer, state) -> None:
         q.configure(fmt, mode)
         if amax is not None:
             q.load_amax(amax)
+
+
+@contextlib.contextmanager
+def quantized(pairs):
+    """``(layer, LayerState)`` pairs quantized as their candidate for the duration: quantizers
+    configured and the candidate's weight swapped in (``.data``: no copy); then everything off
+    and the original weights back, on every exit path."""
+    saved = []
+    try:
+        for layer, state in pairs:
+            apply_state(layer, state.quantizers)
+            if state.weight is not None:
+                saved.append((layer, layer.weight.data))
+                layer.weight.data = state.weight
+        yield
+    finally:
+        for layer, _ in pairs:
+            apply_state(layer, None)
+        for layer, weight in saved:
+            layer.weight.data = weight
 
 
 def _capture(layers):
@@ -114,11 +157,8 @@ def _accumulate(sums, groups, snapshots, cache) -> None:
             for ci, state in enumerate(snapshots):
                 if state is None:
                     continue
-                apply_state(layer, state[name])
-                try:
+                with quantized([(layer, state[name])]):
                     out = layer(entry["x"])
-                finally:
-                    apply_state(layer, None)
                 diff2 = ((out[0] if isinstance(out, tuple) else out).double() - y) ** 2
                 sums[gi, ci, 0] += (dy ** 2 * diff2).sum() / rep
                 sums[gi, ci, 1] += diff2.sum() / rep
@@ -142,35 +182,84 @@ def _vocab_log_softmax(logits: torch.Tensor, tp_group) -> torch.Tensor:
     return z - zmax - total.log()
 
 
+_BLOCK = re.compile(r"^(.*)\.(\d+)\.")  # "decoder.layers.<k>.": the transformer block of a layer
+
+
+def _blocks(model):
+    """The model's transformer blocks (``decoder.layers``), or None."""
+    decoder = getattr(model, "decoder", None)
+    return getattr(decoder, "layers", None)
+
+
+def _first_block(group, blocks) -> int:
+    """Index of the block holding ``group`` (0 where unknown: then nothing is skipped)."""
+    m = _BLOCK.match(group.key)
+    if blocks is None or m is None or not m.group(1).endswith("decoder.layers"):
+        return 0
+    return min(int(m.group(2)), len(blocks))
+
+
+@contextlib.contextmanager
+def _recording(blocks, outputs: dict):
+    """Keep each block's output (``(hidden_states, context)``) of the next forward."""
+    handles = [] if blocks is None else [
+        b.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+        for i, b in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _replaying(blocks, k: int, outputs: dict):
+    """Blocks ``0..k-1`` skipped: each returns the recorded output of block ``k-1``.
+
+    Only the last skipped block's return value reaches block ``k`` (each skipped block ignores
+    its input), so block ``k`` sees exactly what the unquantized prefix computed. Replacing the
+    instance's ``forward`` keeps Megatron's own loop, final norm and output layer around it.
+    """
+    for j in range(k):
+        blocks[j].forward = lambda *args, **kwargs: outputs[k - 1]
+    try:
+        yield
+    finally:
+        for j in range(k):
+            del blocks[j].forward
+
+
 def kl_scores(model, groups, snapshots, batches, dp_group, tp_group) -> torch.Tensor:
     """``[G, C]`` float64 mean per-token KL(p_fp || p_c) with only group g in candidate c.
 
     ``tp_group``: the group the output layer splits the vocabulary over. Every rank runs every
-    (group, candidate) forward in the same order, so TP and EP collectives pair up.
+    (group, candidate) forward in the same order, so TP and EP collectives pair up (a replayed
+    prefix skips the same blocks on every rank).
     """
     device = next(model.parameters()).device
     sums = torch.zeros(len(groups), len(snapshots), dtype=torch.float64, device=device)
     tokens_seen = torch.zeros(1, dtype=torch.float64, device=device)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     rank, size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
+    blocks = _blocks(model)
     model.eval()
     with torch.no_grad():
         for tokens in batches[rank::size]:
             inputs = tokens[:, :-1].contiguous().to(device)
-            logp = _vocab_log_softmax(model(inputs, _positions(inputs), None), tp_group)
+            outputs = {}
+            with _recording(blocks, outputs):
+                logp = _vocab_log_softmax(model(inputs, _positions(inputs), None), tp_group)
+            p = logp.exp()  # once per batch, not per choice
             tokens_seen += inputs.numel()
             for gi, g in enumerate(groups):
+                k = _first_block(g, blocks)
                 for ci, state in enumerate(snapshots):
                     if state is None:
                         continue
-                    for name, layer in g.layers:
-                        apply_state(layer, state[name])
-                    try:
+                    with quantized([(layer, state[name]) for name, layer in g.layers]), \
+                            _replaying(blocks, k, outputs):
                         logq = _vocab_log_softmax(model(inputs, _positions(inputs), None), tp_group)
-                    finally:
-                        for _, layer in g.layers:
-                            apply_state(layer, None)
-                    kl = (logp.exp() * (logp - logq)).sum(dim=-1)
+                    kl = (p * (logp - logq)).sum(dim=-1)
                     if tp > 1:
                         dist.all_reduce(kl, group=tp_group)
                     sums[gi, ci] += kl.sum() / tp

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from megaquant.calib.capture import all_reduce, progress, quant_linears, weight_amax
+from megaquant.calib.capture import all_reduce, progress, quant_linears, select, weight_amax
 from megaquant.calib.sync import SyncItem, tp_reduced
 from megaquant.recipe_calib import MSEOptions as Options
 
@@ -92,7 +92,7 @@ def search_block_clip(fmt, w: torch.Tensor, amax, ratios, h: torch.Tensor | None
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
     pins, ratios = {}, candidate_ratios(opts)
-    for name, layer in progress(quant_linears(model), "mse"):
+    for name, layer in progress(select(quant_linears(model), opts.modules, "mse"), "mse"):
         q, w = layer.weight_quantizer, layer.weight.data.float()
         # A dynamic weight amax is recomputed at every forward: nothing to pin, clip blocks only.
         amax = weight_amax(layer, w) if q.mode == "static" else None
