@@ -2,7 +2,7 @@
 
     cfg = AutoConfig(formats=("nvfp4", "fp8"), effective_bits=5.0)
     result = search(model, cfg, forward_loop, batches, dp_group=..., tp_group=...)
-    result.recipe      # a recipe mapping (version 3): one rule per layer group, ``auto:`` header
+    result.recipe      # a recipe mapping (version 4): one rule per layer group, ``auto:`` header
 
 Candidates are built-in recipe names (their rules give each layer its weight/input/output
 configs, their ``calib:`` the algorithm) or ``none`` (unquantized, 16 bits, score 0). Each

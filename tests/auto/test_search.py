@@ -183,6 +183,46 @@ def test_kl_score_replayed_prefix_equals_full_forwards(megatron_single):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+def test_fisher_and_output_scores_match_a_float64_reference(megatron_single):
+    """The scores take activation gradients only and sum in float32: reference, the plain
+    float64 computation with a full backward (parameter gradients on), rtol 1e-5."""
+    from megaquant.auto.groups import find_groups
+    from megaquant.auto.score import _capture, _positions, layer_scores, quantized
+    from megaquant.auto.search import AutoConfig, _calibrate_candidates, _candidates
+    from megaquant.evaluate import run_forward
+
+    model, batches = _tiny(), _batches(2, 3)
+    cfg = AutoConfig(formats=("nvfp4", "fp8_per_channel", "none"), effective_bits=6.0)
+    calib = [b[:, :-1] for b in batches]
+    snaps, _, converted = _calibrate_candidates(
+        model, _candidates(cfg), lambda m: run_forward(m, calib, "c", megatron_single.dp_group),
+        megatron_single.dp_group)
+    groups = find_groups(model, converted)
+    got = layer_scores(model, groups, snaps, batches, megatron_single.dp_group)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    sums = torch.zeros(len(groups), 2, 3, dtype=torch.float64)
+    for tokens in batches:
+        x, labels = tokens[:, :-1], tokens[:, 1:]
+        cache, handles = _capture([(n, m) for g in groups for n, m in g.layers])
+        model(x, _positions(x), None, labels=labels).float().sum().backward()
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for gi, g in enumerate(groups):
+                for name, layer in g.layers:
+                    e = cache[name]
+                    y, dy = e["y"].double(), e["dy"].double()
+                    for ci in range(2):
+                        with quantized([(layer, snaps[ci][name])]):
+                            d2 = (layer(e["x"])[0].double() - y) ** 2
+                        sums[gi, ci] += torch.stack([(dy ** 2 * d2).sum(), d2.sum(),
+                                                     (y ** 2).sum()])
+    want = torch.stack([0.5 * sums[..., 0], sums[..., 1] / sums[..., 2]], dim=-1)
+    torch.testing.assert_close(got[:, :2], want, rtol=1e-5, atol=0)
+    assert (got[:, 2] == 0).all() and (want > 0).all()
+
+
 def _tp2_scores(full):
     from megaquant.megatron.dist import init_distributed, init_model_parallel
 
