@@ -263,6 +263,37 @@ def _replaying(blocks, k: int, outputs: dict):
             del blocks[j].forward
 
 
+_CHUNK = 256  # tokens per float64 log-softmax: bounds the [tokens, vocab] temporaries
+
+
+def _reference(logits: torch.Tensor, tp_group) -> tuple:
+    """``(p, sum_v p log p)`` per token of the unquantized logits, float64, this rank's vocab.
+
+    Computed once per batch, in chunks of tokens: the per-choice KL then needs one
+    log-softmax of its own logits, and no ``[tokens, vocab]`` float64 tensor is kept but ``p``.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    p = torch.empty(flat.shape, dtype=torch.float64, device=flat.device)
+    plogp = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
+    for i in range(0, flat.shape[0], _CHUNK):
+        logp = _vocab_log_softmax(flat[i:i + _CHUNK], tp_group)
+        p[i:i + _CHUNK] = logp.exp()
+        plogp[i:i + _CHUNK] = (p[i:i + _CHUNK] * logp).sum(dim=-1)
+    return p, plogp
+
+
+def _token_kl(ref: tuple, logits: torch.Tensor, tp_group) -> torch.Tensor:
+    """Per token ``sum_v p (log p - log q)`` over this rank's vocabulary slice (float64):
+    ``sum p log p`` from :func:`_reference` minus ``sum p log q``, chunked as there."""
+    p, plogp = ref
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = plogp.clone()
+    for i in range(0, flat.shape[0], _CHUNK):
+        logq = _vocab_log_softmax(flat[i:i + _CHUNK], tp_group)
+        out[i:i + _CHUNK] -= (p[i:i + _CHUNK] * logq).sum(dim=-1)
+    return out
+
+
 def kl_scores(model, groups, snapshots, batches, dp_group, tp_group) -> torch.Tensor:
     """``[G, C]`` float64 mean per-token KL(p_fp || p_c) with only group g in candidate c.
 
@@ -282,8 +313,7 @@ def kl_scores(model, groups, snapshots, batches, dp_group, tp_group) -> torch.Te
             inputs = tokens[:, :-1].contiguous().to(device)
             outputs = {}
             with _recording(blocks, outputs):
-                logp = _vocab_log_softmax(model(inputs, _positions(inputs), None), tp_group)
-            p = logp.exp()  # once per batch, not per choice
+                ref = _reference(model(inputs, _positions(inputs), None), tp_group)
             tokens_seen += inputs.numel()
             for gi, g in enumerate(groups):
                 k = _first_block(g, blocks)
@@ -292,8 +322,8 @@ def kl_scores(model, groups, snapshots, batches, dp_group, tp_group) -> torch.Te
                         continue
                     with quantized([(layer, state[name]) for name, layer in g.layers]), \
                             _replaying(blocks, k, outputs):
-                        logq = _vocab_log_softmax(model(inputs, _positions(inputs), None), tp_group)
-                    kl = (p * (logp - logq)).sum(dim=-1)
+                        logits = model(inputs, _positions(inputs), None)
+                    kl = _token_kl(ref, logits, tp_group)
                     if tp > 1:
                         dist.all_reduce(kl, group=tp_group)
                     sums[gi, ci] += kl.sum() / tp
