@@ -186,11 +186,28 @@ def test_kl_score_replayed_prefix_equals_full_forwards(megatron_single):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-15)
 
 
+def _capture(layers):
+    """Hooks keeping (input, output, output grad) of each layer for one batch."""
+    cache, handles = {}, []
+
+    def hook(name):
+        def fn(module, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            entry = cache.setdefault(name, {})
+            entry["x"], entry["y"] = args[0].detach(), y.detach()
+            y.register_hook(lambda g: entry.__setitem__("dy", g.detach()))
+        return fn
+
+    for name, layer in layers:
+        handles.append(layer.register_forward_hook(hook(name)))
+    return cache, handles
+
+
 def test_fisher_and_output_scores_match_a_float64_reference(megatron_single):
     """The scores take activation gradients only and sum in float32: reference, the plain
     float64 computation with a full backward (parameter gradients on), rtol 1e-5."""
     from megaquant.auto.groups import find_groups
-    from megaquant.auto.score import _capture, _positions, layer_scores, quantized
+    from megaquant.auto.score import _positions, layer_scores, quantized
     from megaquant.auto.search import AutoConfig, _calibrate_candidates, _candidates
     from megaquant.evaluate import run_forward
 
