@@ -144,7 +144,12 @@ def layer_scores(model, groups, snapshots, batches, dp_group) -> torch.Tensor:
     sums = torch.zeros(len(groups), len(snapshots), 3, dtype=torch.float64, device=device)
     rank, size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     model.eval()
-    for tokens in batches[rank::size]:
+    # One sequence per forward+backward: each sequence's loss depends on its own activations
+    # only, so dL/dy and every sum are the batch's, while autograd holds one sequence's saved
+    # tensors (4 x 512 tokens of SmolLM2 at once: ~6 GB, killed for memory on a shared host).
+    # (An MoE with a capacity factor drops tokens per batch: its scores are one sequence's.)
+    rows = [row for tokens in batches[rank::size] for row in tokens.split(1)]
+    for tokens in rows:
         tokens = tokens.to(device)
         inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         handles = _scoring_hooks(groups, snapshots, sums)
