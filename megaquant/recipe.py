@@ -65,7 +65,9 @@ DEFAULT_EXCLUDE = ["*output_layer*", "*router*"]
 #      rotate_residual/rotate_heads/block_hadamard, gptq sequential/act_order, NVFP4
 #      scale_rule 4over6
 #      ``auto`` key (what the mixed-precision search chose and why; {} when hand-written)
-RECIPE_VERSION = 3
+#   4: calibration steps ``mse`` and ``gptq`` take ``modules`` (globs of the layers the step
+#      runs on; default every quantized linear): a mixed recipe runs each group's algorithm
+RECIPE_VERSION = 4
 
 
 def _v1_to_v2(d: dict) -> dict:
@@ -76,7 +78,12 @@ def _v2_to_v3(d: dict) -> dict:
     return {"kv_cache": None, **d, "version": 3, "auto": d.get("auto", {})}
 
 
-_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> function returning the next version
+def _v3_to_v4(d: dict) -> dict:
+    return {**d, "version": 4}  # a step without ``modules`` runs on every layer, as before
+
+
+# version -> function returning the next version
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 # The ``auto`` header a mixed-precision search writes (megaquant.auto.search): data, not rules.
 # Its keys are checked; the values are the search's report (budget, bits, scores per group).

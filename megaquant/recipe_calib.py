@@ -23,13 +23,19 @@ from megaquant.strict import check_keys
 
 
 # ------------------------------------------------------------------------ options
+def _globs(value) -> tuple:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclass(frozen=True)
 class MSEOptions:
     ratios: int = 16  # candidates per search
     min_ratio: float = 0.5  # smallest clip ratio tried
     blocks: bool = True  # also search block clipping for block formats
+    modules: tuple = ("*",)  # globs of the layers this step runs on (recipe version 4)
 
     def __post_init__(self):
+        object.__setattr__(self, "modules", _globs(self.modules))
         if self.ratios < 1 or not 0.0 < self.min_ratio <= 1.0:
             raise ValueError("mse needs ratios >= 1 and 0 < min_ratio <= 1")
 
@@ -72,8 +78,10 @@ class GPTQOptions:
     layers_per_pass: int = 72  # linears captured per forward pass (0: all); bounds memory
     sequential: bool = False  # block by block, Hessians from the quantized prefix (calib/gptq.py)
     act_order: bool = False  # format blocks in order of decreasing Hessian diagonal mass
+    modules: tuple = ("*",)  # globs of the layers this step runs on (recipe version 4)
 
     def __post_init__(self):
+        object.__setattr__(self, "modules", _globs(self.modules))
         if self.damp < 0 or self.block < 1:
             raise ValueError("gptq needs damp >= 0 and block >= 1")
 

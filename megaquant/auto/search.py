@@ -2,13 +2,23 @@
 
     cfg = AutoConfig(formats=("nvfp4", "fp8"), effective_bits=5.0)
     result = search(model, cfg, forward_loop, batches, dp_group=..., tp_group=...)
-    result.recipe      # a recipe mapping (version 3): one rule per layer group, ``auto:`` header
+    result.recipe      # a recipe mapping (version 4): one rule per layer group, ``auto:`` header
 
 Candidates are built-in recipe names (their rules give each layer its weight/input/output
-configs, their calibration is max) or ``none`` (unquantized, 16 bits, score 0). Each candidate
-is calibrated once over the whole model; its quantizer state is kept per layer, then every
-quantizer is switched off and the scores of :mod:`megaquant.auto.score` are taken with one
-group at a time in one candidate. :mod:`megaquant.auto.knapsack` picks the assignment with the
+configs, their ``calib:`` the algorithm) or ``none`` (unquantized, 16 bits, score 0). Each
+candidate is calibrated once over the whole model with its own algorithm; its quantizer state
+(and the weights its algorithm rewrote) is kept per layer, the original weights are put back,
+every quantizer is switched off, and the scores of :mod:`megaquant.auto.score` are taken with
+one group at a time in one candidate.
+
+A candidate's algorithm must be layer-local (:data:`LAYER_LOCAL`): it rewrites only the weights
+(and pins the weight amax) of the layers it quantizes, so a group in that candidate is the same
+whatever the other groups chose, and the written recipe runs each candidate's steps on the
+groups that chose it, in one ``calib:`` chain (``{algorithm: gptq, modules: [...]}``). GPTQ
+steps come first: with every chosen layer in one capture pass (``layers_per_pass``) they see
+the unquantized model's inputs, as when the candidate was scored. Algorithms that fold scales
+into another layer or transform the whole model are refused with the reason
+(:data:`NOT_LAYER_LOCAL`). :mod:`megaquant.auto.knapsack` picks the assignment with the
 least summed score whose weight bits (:mod:`megaquant.auto.bits`) fit ``effective_bits`` times
 the parameters of the quantized linears. Deterministic: scores are summed over the job in a
 fixed order, every rank solves the same problem, and ties go to the earlier candidate.
@@ -21,13 +31,29 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from megaquant.auto import knapsack
 from megaquant.auto.bits import weight_bits
 from megaquant.auto.groups import find_groups
-from megaquant.auto.score import SCORES, apply_state, kl_scores, layer_scores
+from megaquant.auto.score import SCORES, LayerState, apply_state, kl_scores, layer_scores
 from megaquant.recipe import RECIPE_VERSION, ROLES, available_recipes, load_recipe
 
 UNQUANTIZED = "none"
+# Calibration algorithms a candidate may carry, in the order the written recipe runs them.
+LAYER_LOCAL = ("gptq", "mse")
+_FOLDS = ("folds per-channel scales into the producer of a layer's input (a norm, fc1's up rows, "
+          "qkv's V rows): the producer is another group's weight, so the score would not be the "
+          "layer's alone and two candidates' folds would not compose")
+NOT_LAYER_LOCAL = {
+    "smoothquant": _FOLDS,
+    "awq": _FOLDS,
+    "rotate_residual": "rotates the residual stream of the whole model (embeddings, norms, every "
+                       "layer): a model-wide transform, not a per-group choice",
+    "rotate_heads": "rotates the heads of every attention layer: a model-wide transform",
+    "block_hadamard": "adds an online transform the layer runs before its input quantizer, which "
+                      "only one export layout writes; not offered as a candidate yet",
+}
 
 
 @dataclass(frozen=True)
@@ -72,10 +98,8 @@ def _candidates(cfg: AutoConfig) -> list:
             out.append(None)
             continue
         r = load_recipe(name)
-        if r.calib.name != "max":
-            raise ValueError(f"auto.formats: candidate {name!r} calibrates with "
-                             f"{r.calib.name!r}, which rewrites weights for the whole model; "
-                             "mixed recipes take max-calibrated candidates for now")
+        for step in r.calib.steps:
+            _check_layer_local(name, step)
         out.append(r)
     excludes = {r.exclude for r in out if r is not None}
     if len(excludes) > 1:
@@ -84,19 +108,47 @@ def _candidates(cfg: AutoConfig) -> list:
     return out
 
 
-def _snapshot(model, names) -> dict:
-    """layer name -> {quantizer: (format, mode, amax or None)} of the current configuration."""
+def _check_layer_local(name: str, step) -> None:
+    """Refuse a candidate's calibration step that a mixed recipe cannot run per group."""
+    algo = step.algorithm
+    if algo in NOT_LAYER_LOCAL:
+        raise ValueError(f"auto.formats: candidate {name!r} calibrates with {algo!r}, which "
+                         f"{NOT_LAYER_LOCAL[algo]}. Candidates may carry layer-local algorithms "
+                         f"only ({', '.join(LAYER_LOCAL)}; max), e.g. nvfp4_gptq, nvfp4_mse")
+    if algo == "gptq" and step.build_options().sequential:
+        raise ValueError(f"auto.formats: candidate {name!r} runs sequential GPTQ, whose Hessians "
+                         "come from the prefix quantized in the same recipe; in a mixed model "
+                         "that prefix is other candidates', so the scored weights would not be "
+                         "the final ones. Use GPTQ with sequential: false (nvfp4_gptq)")
+    if "modules" in step.options:
+        raise ValueError(f"auto.formats: candidate {name!r}'s {algo} step names its own modules "
+                         f"{step.options['modules']}; the search decides which groups run it")
+
+
+def _snapshot(model, names, keep_weights: bool) -> dict:
+    """layer name -> LayerState of the current configuration (and weights, if rewritten)."""
     layers = dict(model.named_modules())
-    return {n: {q: (quant.fmt, quant.mode, quant.amax.clone() if quant.has_amax else None)
-                for q, _, quant in layers[n].quantizers() if quant.is_enabled}
-            for n in names}
+    return {n: LayerState(
+        {q: (quant.fmt, quant.mode, quant.amax.clone() if quant.has_amax else None)
+         for q, _, quant in layers[n].quantizers() if quant.is_enabled},
+        _weight_copy(layers[n]) if keep_weights else None)
+        for n in names}
+
+
+def _weight_copy(layer):
+    w = getattr(layer, "weight", None)
+    return None if w is None else w.detach().clone()
 
 
 def _calibrate_candidates(model, recipes, forward_loop, dp_group):
     from megaquant.ptq import quantize
 
     snapshots, seconds, converted = [], {}, None
-    for r in recipes:
+    rewrites = [r is not None and r.calib.name != "max" for r in recipes]
+    # Each candidate's algorithm starts from the original weights (layer-local algorithms
+    # rewrite linear weights only; everything is put back, which costs one copy of the model).
+    originals = [(p, p.detach().clone()) for p in model.parameters()] if any(rewrites) else []
+    for r, rewrote in zip(recipes, rewrites):
         if r is None:
             snapshots.append(None)
             continue
@@ -104,7 +156,10 @@ def _calibrate_candidates(model, recipes, forward_loop, dp_group):
         report = quantize(model, r, forward_loop, dp_group=dp_group)
         seconds[f"calibrate_{r.name}"] = time.perf_counter() - t0
         converted = report.converted
-        snapshots.append(_snapshot(model, converted))
+        snapshots.append(_snapshot(model, converted, keep_weights=rewrote))
+        with torch.no_grad():
+            for p, w in originals:
+                p.copy_(w)
     for _, m in model.named_modules():
         if hasattr(m, "quantizers"):
             apply_state(m, None)
@@ -197,7 +252,7 @@ def _write_recipe(cfg, groups, recipes, costs, scores, choice, params) -> dict:
                       "bits": round(costs[gi][c] / n, 6),
                       "scores": {k: {f: float(v[gi][ci]) for ci, f in enumerate(cfg.formats)}
                                  for k, v in scores.items()}})
-    return {
+    out = {
         "version": RECIPE_VERSION,
         "name": f"auto_{'_'.join(cfg.formats)}_{cfg.effective_bits:g}b",
         "description": f"mixed precision from {list(cfg.formats)} at {bits:.3f} effective "
@@ -208,3 +263,25 @@ def _write_recipe(cfg, groups, recipes, costs, scores, choice, params) -> dict:
                  "effective_bits": round(bits, 6), "score": cfg.score, "params": params,
                  "groups": table},
     }
+    calib = _calib_steps(groups, recipes, choice)
+    if calib:
+        out["calib"] = calib
+    return out
+
+
+def _calib_steps(groups, recipes, choice) -> list:
+    """Each chosen candidate's calibration steps, restricted to the groups that chose it.
+
+    GPTQ steps first, then MSE (:data:`LAYER_LOCAL`): GPTQ reads activations, and with MSE's
+    block clipping not yet applied its Hessians are those of the unquantized model, as when
+    the candidate was scored; candidates keep their order within an algorithm.
+    """
+    steps = []
+    for algo in LAYER_LOCAL:
+        for ci, r in enumerate(recipes):
+            modules = [g.pattern for g, c in zip(groups, choice) if c == ci]
+            if r is None or not modules:
+                continue
+            steps += [{"algorithm": algo, **s.options, "modules": modules}
+                      for s in r.calib.steps if s.algorithm == algo]
+    return steps

@@ -52,6 +52,22 @@ def quant_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def select(layers: list[tuple[str, nn.Module]], modules: tuple, algorithm: str) -> list:
+    """The ``layers`` whose name matches one of the step's ``modules`` globs.
+
+    A mixed-precision recipe runs each candidate's algorithm on the groups that chose it
+    (``calib: [{algorithm: gptq, modules: [...]}]``); a glob list that matches no quantized
+    linear is a typo, as a rule that matches nothing is, and refused.
+    """
+    import fnmatch
+
+    out = [(n, m) for n, m in layers if any(fnmatch.fnmatchcase(n, p) for p in modules)]
+    if layers and not out:
+        raise ValueError(f"calib {algorithm}: modules {list(modules)} match no quantized linear; "
+                         f"layers are named like {[n for n, _ in layers[:4]]}")
+    return out
+
+
 def is_row_parallel(layer: nn.Module) -> bool:
     """Row-parallel layers split the weight along the input dim (partition axis 1)."""
     return layer.partition_axes.get("weight") == 1

@@ -67,6 +67,7 @@ from megaquant.calib.capture import (
     is_row_parallel,
     progress,
     quant_linears,
+    select,
     warn,
     weight_amax,
 )
@@ -290,7 +291,7 @@ def _float_weights(part):
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
     pins = {}
-    layers = quant_linears(model)
+    layers = select(quant_linears(model), opts.modules, "gptq")
     if opts.sequential:  # activation scales first: the passes below run the quantized model
         from megaquant.calib.calibrate import calibrate
 

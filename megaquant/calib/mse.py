@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from megaquant.calib import kv_mse
-from megaquant.calib.capture import all_reduce, progress, quant_linears, weight_amax
+from megaquant.calib.capture import all_reduce, progress, quant_linears, select, weight_amax
 from megaquant.calib.sync import SyncItem, tp_reduced
 from megaquant.recipe_calib import MSEOptions as Options
 
@@ -94,7 +94,7 @@ def search_block_clip(fmt, w: torch.Tensor, amax, ratios, h: torch.Tensor | None
 
 def run(model, opts: Options, forward_loop, dp_group) -> dict:
     pins, ratios = {}, candidate_ratios(opts)
-    for name, layer in progress(quant_linears(model), "mse"):
+    for name, layer in progress(select(quant_linears(model), opts.modules, "mse"), "mse"):
         q, w = layer.weight_quantizer, layer.weight.data.float()
         # A dynamic weight amax is recomputed at every forward: nothing to pin, clip blocks only.
         amax = weight_amax(layer, w) if q.mode == "static" else None
@@ -107,5 +107,8 @@ def run(model, opts: Options, forward_loop, dp_group) -> dict:
         bs = getattr(q.fmt, "block_size", None)
         if opts.blocks and bs:
             layer.weight.data.copy_(search_block_clip(q.fmt, w, amax, ratios))
-    pins.update(kv_mse.search(model, opts.ratios, forward_loop, dp_group))
+    # A step limited to some linears (a mixed recipe's per-group step) leaves the KV cache alone:
+    # the KV scales belong to the attention, which no linear glob names.
+    if opts.modules == ("*",):
+        pins.update(kv_mse.search(model, opts.ratios, forward_loop, dp_group))
     return pins

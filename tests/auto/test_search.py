@@ -104,12 +104,143 @@ def test_search_pin_fixes_a_group(megatron_single):
     ({"bits": 4.0}, r"outside what candidates .* can reach on this model: 4\.50\d* \.\. 16"),
     ({"bits": 17.0}, r"outside what candidates"),
     ({"formats": ("nvfp4", "nvfp7")}, r"unknown: \['nvfp7'\]"),
-    ({"formats": ("nvfp4", "nvfp4_gptq")}, r"calibrates with 'gptq'"),
+    ({"formats": ("nvfp4", "nvfp4_sq")}, r"'smoothquant', which folds per-channel scales"),
+    ({"formats": ("nvfp4_mrgptq", "fp8")}, r"'rotate_residual', which rotates the residual"),
     ({"score": "hessian"}, r"auto.score must be one of"),
 ])
 def test_search_bad_input_names_the_range_or_choices(megatron_single, kw, message):
     with pytest.raises(ValueError, match=message):
         _search(_tiny(), megatron_single, **kw)
+
+
+def test_search_candidate_algorithm_runs_on_the_groups_that_chose_it(megatron_single, tmp_path):
+    """A GPTQ candidate is scored with its GPTQ weights and the written recipe runs GPTQ on the
+    groups that chose it. References: the same model quantized with ``nvfp4_gptq`` alone (all 8
+    linears fit one capture pass, so every GPTQ Hessian comes from the unquantized model, as
+    in the search) and the recipe read back from YAML (bit-identical model)."""
+    import yaml
+
+    import megaquant
+    from megaquant.evaluate import run_forward
+    from megaquant.recipe import load_recipe
+
+    formats = ("nvfp4", "nvfp4_gptq", "fp8", "none")
+    res = _search(_tiny(), megatron_single, formats=formats, compare=True)
+    table = res.recipe["auto"]["groups"]
+    # GPTQ minimises each layer's output error on these very tokens: it must score below RTN.
+    assert all(g["scores"]["output"]["nvfp4_gptq"] < g["scores"]["output"]["nvfp4"]
+               for g in table)
+    gptq_groups = [g["modules"] for g in table if g["format"] == "nvfp4_gptq"]
+    assert gptq_groups and res.recipe["calib"] == [{"algorithm": "gptq", "modules": gptq_groups}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(res.recipe, sort_keys=False))
+    assert load_recipe(str(path)).to_dict() == load_recipe(res.recipe).to_dict()
+
+    calib = [b[:, :-1] for b in _batches(4, 1)]
+    loop = lambda m: run_forward(m, calib, "c", megatron_single.dp_group)  # noqa: E731
+    models = {}
+    for key, recipe in (("dict", res.recipe), ("yaml", str(path)), ("alone", "nvfp4_gptq")):
+        models[key] = _tiny()
+        megaquant.quantize(models[key], recipe, loop, dp_group=megatron_single.dp_group)
+    from_yaml = models["yaml"].state_dict()
+    for k, v in models["dict"].state_dict().items():  # None: Megatron's empty extra state
+        assert (v is None and from_yaml[k] is None) or torch.equal(v, from_yaml[k]), k
+    original = _tiny().state_dict()
+    mixed, alone = models["dict"].state_dict(), models["alone"].state_dict()
+    for g in table:
+        key = g["modules"] + ".weight"
+        want = alone[key] if g["format"] == "nvfp4_gptq" else original[key]
+        assert torch.equal(mixed[key], want), (g["modules"], g["format"])
+
+
+def test_kl_score_replayed_prefix_equals_full_forwards(megatron_single):
+    """The KL score skips the unquantized blocks before each group (their recorded output is
+    replayed) and sums ``p log p - p log q`` in token chunks; reference: the full forward of
+    every choice and ``p (log p - log q)`` at once, as the score was first written (float64
+    rounding apart: the two sums of ~|log p| ~ 5.5 per token round to ~1e-15, so atol 1e-15;
+    the tiny random model's KL is ~1e-7)."""
+    from megaquant.auto.groups import find_groups
+    from megaquant.auto.score import _positions, _vocab_log_softmax, kl_scores, quantized
+    from megaquant.auto.search import AutoConfig, _calibrate_candidates, _candidates
+    from megaquant.evaluate import run_forward
+
+    model, batches = _tiny(), _batches(2, 3)
+    cfg = AutoConfig(formats=("nvfp4_gptq", "fp8", "none"), effective_bits=6.0)
+    calib = [b[:, :-1] for b in batches]
+    snaps, _, converted = _calibrate_candidates(
+        model, _candidates(cfg), lambda m: run_forward(m, calib, "c", megatron_single.dp_group),
+        megatron_single.dp_group)
+    groups = find_groups(model, converted)
+    got = kl_scores(model, groups, snaps, batches, megatron_single.dp_group, None)
+    want = torch.zeros_like(got)
+    with torch.no_grad():
+        for tokens in batches:
+            x = tokens[:, :-1]
+            logp = _vocab_log_softmax(model(x, _positions(x), None), None)
+            for gi, g in enumerate(groups):
+                for ci, state in enumerate(snaps[:2]):
+                    with quantized([(layer, state[n]) for n, layer in g.layers]):
+                        logq = _vocab_log_softmax(model(x, _positions(x), None), None)
+                    want[gi, ci] += (logp.exp() * (logp - logq)).sum() / (len(batches) * x.numel())
+    assert (got[:, :2] > 0).all() and (got[:, 2] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-15)
+
+
+def _capture(layers):
+    """Hooks keeping (input, output, output grad) of each layer for one batch."""
+    cache, handles = {}, []
+
+    def hook(name):
+        def fn(module, args, output):
+            y = output[0] if isinstance(output, tuple) else output
+            entry = cache.setdefault(name, {})
+            entry["x"], entry["y"] = args[0].detach(), y.detach()
+            y.register_hook(lambda g: entry.__setitem__("dy", g.detach()))
+        return fn
+
+    for name, layer in layers:
+        handles.append(layer.register_forward_hook(hook(name)))
+    return cache, handles
+
+
+def test_fisher_and_output_scores_match_a_float64_reference(megatron_single):
+    """The scores take activation gradients only and sum in float32: reference, the plain
+    float64 computation with a full backward (parameter gradients on), rtol 1e-5."""
+    from megaquant.auto.groups import find_groups
+    from megaquant.auto.score import _positions, layer_scores, quantized
+    from megaquant.auto.search import AutoConfig, _calibrate_candidates, _candidates
+    from megaquant.evaluate import run_forward
+
+    model, batches = _tiny(), _batches(2, 3)
+    cfg = AutoConfig(formats=("nvfp4", "fp8_per_channel", "none"), effective_bits=6.0)
+    calib = [b[:, :-1] for b in batches]
+    snaps, _, converted = _calibrate_candidates(
+        model, _candidates(cfg), lambda m: run_forward(m, calib, "c", megatron_single.dp_group),
+        megatron_single.dp_group)
+    groups = find_groups(model, converted)
+    got = layer_scores(model, groups, snaps, batches, megatron_single.dp_group)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    sums = torch.zeros(len(groups), 2, 3, dtype=torch.float64)
+    for tokens in batches:
+        x, labels = tokens[:, :-1], tokens[:, 1:]
+        cache, handles = _capture([(n, m) for g in groups for n, m in g.layers])
+        model(x, _positions(x), None, labels=labels).float().sum().backward()
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for gi, g in enumerate(groups):
+                for name, layer in g.layers:
+                    e = cache[name]
+                    y, dy = e["y"].double(), e["dy"].double()
+                    for ci in range(2):
+                        with quantized([(layer, snaps[ci][name])]):
+                            d2 = (layer(e["x"])[0].double() - y) ** 2
+                        sums[gi, ci] += torch.stack([(dy ** 2 * d2).sum(), d2.sum(),
+                                                     (y ** 2).sum()])
+    want = torch.stack([0.5 * sums[..., 0], sums[..., 1] / sums[..., 2]], dim=-1)
+    torch.testing.assert_close(got[:, :2], want, rtol=1e-5, atol=0)
+    assert (got[:, 2] == 0).all() and (want > 0).all()
 
 
 def _tp2_scores(full):

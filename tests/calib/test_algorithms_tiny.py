@@ -71,3 +71,20 @@ def test_gptq_singular_hessian_warns_with_the_layer_name_and_keeps_rtn(megatron_
     with pytest.warns(RuntimeWarning, match=f"gptq: {name}: the Hessian .* singular"):
         w, amax = gptq._quantize_layer(name, layer, stats, gptq.Options(damp=0.0))
     assert w is None and amax is None
+
+
+@pytest.mark.parametrize("algorithm", ["mse", "gptq"])
+def test_calib_step_modules_limit_the_layers_it_rewrites(megatron_single, algorithm):
+    """``modules`` (recipe version 4): the step rewrites the matching layers' weights only;
+    reference: the weights before the algorithm. A glob list matching nothing is refused."""
+    model, calib = _model(), _batches(2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    restore(model, "nvfp4")
+    loop = lambda m: run_forward(m, calib, "calib", megatron_single.dp_group)  # noqa: E731
+    run_algorithm(model, CalibConfig(algorithm, {"modules": ["*layers.1.mlp.linear_fc2"]}),
+                  loop, megatron_single.dp_group)
+    changed = sorted(k for k, v in before.items() if not torch.equal(model.state_dict()[k], v))
+    assert changed == ["decoder.layers.1.mlp.linear_fc2.weight"]
+    with pytest.raises(ValueError, match=r"modules \['\*fc3'\] match no quantized linear"):
+        run_algorithm(model, CalibConfig(algorithm, {"modules": "*fc3"}), loop,
+                      megatron_single.dp_group)

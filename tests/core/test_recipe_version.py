@@ -50,12 +50,12 @@ def test_recipe_version_old_checkpoint_compares_equal(tmp_path):
         check_compatible(tmp_path, load_recipe("int8").to_dict(), kind="ptq")
 
 
-def test_recipe_version_2_upgrades_to_3_with_an_empty_auto_header():
+def test_recipe_version_2_upgrades_to_current_with_an_empty_auto_header():
     v2 = yaml.safe_load((RECIPE_DIR / "fp8.yaml").read_text())
     v2["version"] = 2
     assert "auto" not in v2
     recipe = load_recipe(v2)
-    assert recipe.version == 3 and recipe.auto == {}
+    assert recipe.version == RECIPE_VERSION and recipe.auto == {}
     assert canonical_recipe(v2)["auto"] == {}
     with pytest.raises(ValueError, match=r"auto: unknown key\(s\) \['bogus'\]; valid keys"):
         load_recipe({**v2, "auto": {"bogus": 1}})

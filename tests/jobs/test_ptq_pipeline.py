@@ -49,10 +49,10 @@ def _load_at_pp2(ckpt, text):
     return loss, None
 
 
-def _ptq(tmp_path, name, *extra):
+def _ptq(tmp_path, name, *extra, recipe="nvfp4"):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question: " * 200)
-    args = ["+recipe=nvfp4", "model=tiny", "model.arch.num_layers=3", f"data.calib_text={text}",
+    args = [f"+recipe={recipe}", "model=tiny", "model.arch.num_layers=3", f"data.calib_text={text}",
             f"data.eval_text={text}", "data.calib_samples=4", "data.eval_samples=5",
             "data.micro_batch=2", f"run.output_dir={tmp_path / name}", *extra]
     res = run_script("ptq.py", args, nproc=2, timeout=400)
@@ -99,6 +99,50 @@ def test_ptq_pp2_equals_pp1_and_exports_identically(tmp_path):
     for err in (err0, err1):  # every stage refuses, naming both layer counts
         assert err is not None and "holds a model of 3 decoder layers" in err, err
         assert "the model built here has 4" in err and "model.arch.num_layers=3" in err, err
+
+
+# A hand-written mixed recipe, as the search writes them: rules name global layers (layer 2 sits
+# on the last stage, numbered 1 there; layer 0's QKV stays unquantized, a stack split over
+# stages), so the per-layer checkpoint keys must be chosen alike on both stages.
+MIXED = {
+    "version": 4, "name": "mixed_pp",
+    "rules": [
+        {"modules": "*", "weight": {"format": "nvfp4"}, "input": {"format": "nvfp4"}},
+        {"modules": "decoder.layers.2.mlp.linear_fc2", "weight": {"format": "fp8"},
+         "input": {"format": "fp8"}},
+        {"modules": "decoder.layers.0.self_attention.linear_qkv", "weight": None, "input": None},
+    ],
+    "exclude": ["*output_layer*", "*router*"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_ptq_pp2_mixed_recipe_equals_pp1(tmp_path):
+    """PTQ with a per-layer recipe file at PP=2 (split 1+2) equals PP=1: loss, layers, and
+    byte-identical exports of both checkpoints (every amax, read back at PP=1); the PP=1
+    checkpoint loads into PP=2 stages split 2+1 and evaluates to the PP=1 loss."""
+    import yaml
+
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(MIXED))
+    s1 = _ptq(tmp_path, "pp1", recipe=path)
+    s2 = _ptq(tmp_path, "pp2", "parallel.pp=2", "parallel.pp_last_layers=2", recipe=path)
+    for key in ("loss_fp", "loss_quant"):
+        assert s2["eval"][key] == pytest.approx(s1["eval"][key], rel=1e-6), key
+    assert s2["layers_quantized"] == s1["layers_quantized"]
+    assert "decoder.layers.0.self_attention.linear_qkv" not in s1["layers_quantized"]
+    assert s2["calibration"] == s1["calibration"]
+    out = _export(tmp_path, "pp2")
+    _same_tree(_export(tmp_path, "pp1"), out)
+    hf = json.loads((out / "modelopt" / "hf_quant_config.json").read_text())["quantization"]
+    assert hf["quant_algo"] == "MIXED_PRECISION"
+    assert hf["quantized_layers"]["model.layers.2.mlp.down_proj"]["quant_algo"] == "FP8"
+    assert "model.layers.0.self_attn.q_proj" not in hf["quantized_layers"]
+    losses = run_ranks(_load_at_pp2, world_size=2,
+                       args=(tmp_path / "pp1" / "checkpoint", tmp_path / "text.txt"),
+                       timeout_s=300)
+    assert losses[0] == losses[1] == pytest.approx(s1["eval"]["loss_quant"], rel=1e-6)
 
 
 @pytest.mark.slow
