@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="configurations run at a time")
     ap.add_argument("--out", type=Path, help="keep each run's directory and log here "
                     "(default: a temporary directory)")
+    ap.add_argument("--collect", type=Path, help="only build the table from the runs kept in "
+                    "this --out directory (runs started separately, e.g. as memory allowed)")
     ap.add_argument("--no-append", action="store_true")
     a = ap.parse_args()
     from megaquant.demo.ood_text import python_docs_text
@@ -125,6 +127,8 @@ def main() -> None:
     eval_text = python_docs_text()
     modes = a.modes + (["qat+lsq", "qad+lsq"] if a.lsq else [])
     steps = sorted(set(a.steps))
+    if a.collect is not None:
+        return report(a, eval_text, collect(a.collect, steps), None)
     configs = [("-", "fp32")] if "fp32" in modes else []  # the control ignores the recipe
     configs += [(r, m) for r in a.recipes for m in modes if m != "fp32"]
     rows, t0 = [], time.time()
@@ -139,13 +143,31 @@ def main() -> None:
         for (r, m), fut in runs.items():
             rows += budget_rows(r, m, steps, fut.result())
             print("\n".join(table(rows[-len(steps):]).splitlines()[2:]), flush=True)
-    rows.sort(key=lambda r: (r["steps"], r["recipe"] != "-", r["recipe"]))
+    report(a, eval_text, rows, time.time() - t0)
+
+
+def collect(out: Path, steps: list[int]) -> list[dict]:
+    """Table rows from the ``<recipe>_<mode>/summary.json`` run directories under ``out``."""
+    rows = []
+    for summary in sorted(out.glob("*/summary.json")):
+        recipe, _, mode = summary.parent.name.rpartition("_")
+        rows += budget_rows("-" if recipe == "x" else recipe, mode, steps,
+                            json.loads(summary.read_text()))
+    return rows
+
+
+def report(a, eval_text: Path, rows: list[dict], wall: float | None) -> None:
+    """Print the table (fp32 control first at each budget) and append it to RESULTS.md."""
+    order = list(MODES)
+    rows.sort(key=lambda r: (r["steps"], r["recipe"] != "-", r["recipe"], order.index(r["mode"])))
+    total = "" if wall is None else f"; total wall {wall:.0f} s"
     head = (f"## QAT / QAD out of domain (train: Shakespeare plays, eval: Python docs "
             f"{eval_text.name}) - {time.strftime('%a %b %d %H:%M:%S %Y UTC', time.gmtime())}\n\n"
             f"machine: {platform.machine()}, nproc {os.cpu_count()}, python "
             f"{platform.python_version()}; model {a.model}, {a.seq} tokens x 2 a step, lr "
-            f"{a.lr}; {a.jobs} run(s) at a time, OMP_NUM_THREADS "
-            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; total wall {time.time() - t0:.0f} s; "
+            f"{a.lr}; " + (f"{a.jobs} run(s) at a time" if wall is not None else
+                           f"runs collected from {a.collect}") + ", OMP_NUM_THREADS "
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}{total}; "
             f"load average at the end {os.getloadavg()[0]:.1f}\n\n")
     text = head + table(rows) + "\n"
     print(text)
