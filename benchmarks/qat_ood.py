@@ -63,7 +63,7 @@ def run_one(model: str, recipe: str, mode: str, steps: list[int], eval_text: Pat
             "model.global_batch_size=2", "model.micro_batch_size=1", f"model.optim.lr={lr}",
             "model.optim.sched.warmup_steps=2", f"model.optim.sched.min_lr={lr / 10}",
             f"data.train_samples={max(32, 2 * max(steps))}", f"data.eval_text={eval_text}",
-            "data.eval_samples=8", "trainer.resume=false", "trainer.log_every_n_steps=0",
+            "data.eval_samples=8", "trainer.resume=false", f"trainer.log_every_n_steps={every}",
             f"run.output_dir={out}"]
     if mode != "fp32":
         args.append(f"model.quantization={recipe}")
