@@ -229,7 +229,7 @@ def lsq_backward_kernel(x: Tensor, grad: Tensor, s: Tensor, g: Tensor, kind: str
     y = torch.clamp(yraw, -qmax, qmax)
     q = _round(y, kind)
     dc = (grad.float() * torch.where(inside, q - y, q)).sum(-1, keepdim=True)
-    return torch.where(inside, grad, torch.zeros((), dtype=grad.dtype)), dc
+    return torch.where(inside, grad, grad.new_zeros(())), dc
 
 
 # ``auto`` compiles these kernels from 2^14 elements, not from MEGAQUANT_COMPILE_MIN_NUMEL's
