@@ -181,6 +181,7 @@ def main() -> None:
         args.recipe_now = recipe
         if args.side_by_side:
             res = run_child("side-by-side", args)
+            print({m: [round(t, 2) for t in r["all_s"]] for m, r in res.items()}, flush=True)
         else:
             res = {mode: run_child(mode, args) for mode in ("off", *args.modes)}
         off = res["off"]
