@@ -260,6 +260,8 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
                                                                groups.dp_group),
                           dp_group=groups.dp_group, init_from=init_from)
     losses["ptq"] = evaluate(model) if recipe is not None else losses["fp"]
+    if is_rank0():  # before training: a run stopped early still shows its starting point
+        log.info("eval loss before training: fp %.4f | ptq %.4f", losses["fp"], losses["ptq"])
 
     precision = resolve_precision(trainer.precision, torch.cuda.is_available(),
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
