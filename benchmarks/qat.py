@@ -42,26 +42,21 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(mode: str, recipe: str, layers: int, seq: int, steps: int) -> dict:
-    """Run in a fresh process: build, (quantize), time ``steps`` training steps, measure peak."""
+def _build(mode: str, recipe: str, layers: int, seq: int, groups):
+    """(model, optimizer, step context, the mode's patch context) for one mode."""
     import contextlib
     from unittest import mock
 
     import torch
 
-    base_rss = _rss_mib()
     import megaquant
-    from megaquant.megatron.dist import init_distributed, init_model_parallel
     from megaquant.models.gpt import GPTConfig, build_gpt_model
     from megaquant.models.smollm2 import SMOLLM2_135M
     from megaquant.spec import get_spec_provider
     from megaquant.train.config import BatchConfig, OptimConfig
     from megaquant.train.optim import build_optimizer
-    from megaquant.train.step import StepContext, train_step
+    from megaquant.train.step import StepContext
 
-    init_distributed()
-    groups = init_model_parallel(1)
-    base_rss = max(base_rss, _rss_mib())  # after imports and process groups, before the model
     arch = GPTConfig.from_dict({**SMOLLM2_135M, "num_layers": layers, "seq_length": seq})
     torch.manual_seed(0)
     model = build_gpt_model(arch, get_spec_provider("local"), tp_size=1)
@@ -82,27 +77,73 @@ def child(mode: str, recipe: str, layers: int, seq: int, steps: int) -> dict:
     optimizer = build_optimizer(model, OptimConfig(lr=1e-5))
     ctx = StepContext(windows, BatchConfig(1, 1), groups.dp_group, groups.tp_group,
                       grad_clip=1.0)
+    return model, optimizer, ctx, keep
+
+
+def _timed_step(case, step: int) -> float:
+    import torch
+
+    from megaquant.train.step import train_step
+
+    model, optimizer, ctx, keep = case
+    t0 = time.perf_counter()
+    with keep:
+        train_step(model, optimizer, step, 1e-5, ctx)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def child(mode: str, recipe: str, layers: int, seq: int, steps: int) -> dict:
+    """Run in a fresh process: build, (quantize), time ``steps`` training steps, measure peak."""
+    import torch
+
+    base_rss = _rss_mib()
+    import megaquant  # noqa: F401
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
+    init_distributed()
+    groups = init_model_parallel(1)
+    base_rss = max(base_rss, _rss_mib())  # after imports and process groups, before the model
+    case = _build(mode, recipe, layers, seq, groups)
     cuda = torch.cuda.is_available()
     times = []
-    with keep:
-        for step in range(steps + 1):
-            if cuda and step == 1:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            train_step(model, optimizer, step, 1e-5, ctx)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+    for step in range(steps + 1):
+        if cuda and step == 1:
+            torch.cuda.reset_peak_memory_stats()
+        times.append(_timed_step(case, step))
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
     return {"step_s": statistics.median(times[1:]), "peak_mib": peak}
+
+
+def child_side_by_side(modes: list[str], recipe: str, layers: int, seq: int,
+                       steps: int) -> dict:
+    """All modes in one process, their steps interleaved (off, on, lsq, off, on, lsq, ...).
+
+    On a shared machine whose load drifts, separate processes measured minutes apart compare
+    different machines; interleaving gives every mode the same load. Medians of ``steps``
+    steps after two warm-ups (the first compiles the kernels). No memory figure (one process).
+    """
+    from megaquant.megatron.dist import init_distributed, init_model_parallel
+
+    init_distributed()
+    groups = init_model_parallel(1)
+    cases = {m: _build(m, recipe, layers, seq, groups) for m in modes}
+    times = {m: [] for m in modes}
+    for step in range(steps + 2):
+        for m in modes:
+            times[m].append(_timed_step(cases[m], step))
+    return {m: {"step_s": statistics.median(t[2:]), "all_s": t, "peak_mib": float("nan")}
+            for m, t in times.items()}
 
 
 def run_child(mode: str, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536",
            "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--child", mode, "--recipes", args.recipe_now,
-           "--layers", str(args.layers), "--seq", str(args.seq), "--steps", str(args.steps)]
+           "--layers", str(args.layers), "--seq", str(args.seq), "--steps", str(args.steps),
+           "--modes", *args.modes]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{res.stderr[-3000:]}")
@@ -120,18 +161,29 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["on", "keep-copy"],
                    choices=["on", "keep-copy", "lsq", "lsq-block"],
                    help="lsq / lsq-block: learnable global (and per-block weight) scales")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="all modes in one process, steps interleaved (time only)")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child, args.recipes[0], args.layers, args.seq, args.steps)))
+        if args.child == "side-by-side":
+            out = child_side_by_side(["off", *args.modes], args.recipes[0], args.layers,
+                                     args.seq, args.steps)
+        else:
+            out = child(args.child, args.recipes[0], args.layers, args.seq, args.steps)
+        print(json.dumps(out))
         return
     rows = []
     for recipe in args.recipes:
         args.recipe_now = recipe
-        res = {mode: run_child(mode, args) for mode in ("off", *args.modes)}
+        if args.side_by_side:
+            res = run_child("side-by-side", args)
+            print({m: [round(t, 2) for t in r["all_s"]] for m, r in res.items()}, flush=True)
+        else:
+            res = {mode: run_child(mode, args) for mode in ("off", *args.modes)}
         off = res["off"]
         for mode in args.modes:
             r = res[mode]
@@ -155,7 +207,10 @@ def _table(args, rows) -> str:
     head = [f"## QAT training step, quantizers on vs off — {time.strftime('%c %Z')}", "",
             f"machine: {device}, torch {torch.__version__}; model: SmolLM2-135M architecture, "
             f"{args.layers} layers, random weights, seq {args.seq}, 1 sequence per step, fp32, "
-            f"AdamW; median of {args.steps} steps after 1 warm-up; each mode in a fresh process",
+            f"AdamW; median of {args.steps} steps after "
+            + ("2 warm-ups; all modes in one process, steps interleaved; load average "
+               f"{os.getloadavg()[0]:.1f} at the end" if args.side_by_side
+               else "1 warm-up; each mode in a fresh process"),
             "", "| recipe | quantizers | off s/step | s/step | time ratio (<= 1.5) | "
             "off peak MiB | peak MiB | memory ratio (<= 1.15) |",
             "|---|---|---|---|---|---|---|---|"]

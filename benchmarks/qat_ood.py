@@ -10,12 +10,17 @@ and every budget also runs the **fp32 control**: the unquantized model fine-tune
 steps, data and learning rate. Its change on the evaluation text is the domain-adaptation
 effect, visible next to the recovery figures.
 
-Per (recipe, budget) it runs ``scripts/qat.py`` (one process each, fresh output directory):
+Per recipe and mode it runs ``scripts/qat.py`` once (one process, fresh output directory) for
+the largest budget and evaluates at every requested budget on the way
+(``trainer.val_check_interval`` = the gcd of the budgets): the 16-step point of ``--steps 16
+64`` is step 16 of the 64-step schedule (lr not yet decayed), not a separate 16-step run. Modes:
 ``fp32`` (model.quantization=null), ``qat``, ``qad`` and, with ``--lsq``, ``qat+lsq`` /
 ``qad+lsq`` (learnable scales: global amax + per-block weight amax). Settings: 2 x 256 tokens
 a step, AdamW lr 5e-5 (2 warm-up steps, cosine to 5e-6), clipping 1.0, 8 x 256 evaluation
 tokens. "Recovered" = (ppl_PTQ - ppl_trained) / (ppl_PTQ - ppl_fp32), the fp32 of the
-untrained model; the same with losses is in brackets.
+untrained model; the same with losses is in brackets. "wall s" = set-up (build, calibration,
+the fp32 and PTQ evaluations) + the training seconds up to that step (evaluations excluded).
+``--jobs 2`` runs two configurations at a time (the wall times then share the machine).
 
     python benchmarks/qat_ood.py --recipes nvfp4 int4_w4a16 --steps 16 64
     python benchmarks/qat_ood.py --model tiny --steps 2 --recipes nvfp4   # smoke run
@@ -26,7 +31,9 @@ Appends a table to benchmarks/RESULTS.md (``--no-append``: print only).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import math
 import os
 import platform
 import subprocess
@@ -47,22 +54,36 @@ MODES = {
 }
 
 
-def run_one(model: str, recipe: str, mode: str, steps: int, eval_text: Path, out: Path,
+def run_one(model: str, recipe: str, mode: str, steps: list[int], eval_text: Path, out: Path,
             seq: int, lr: float) -> dict:
-    """One scripts/qat.py run; returns its summary.json."""
-    args = [f"model={model}", f"model.seq_length={seq}", f"trainer.max_steps={steps}",
+    """One scripts/qat.py run to ``max(steps)``, evaluated at each of ``steps``; its summary."""
+    every = math.gcd(*steps)
+    args = [f"model={model}", f"model.seq_length={seq}", f"trainer.max_steps={max(steps)}",
+            f"trainer.val_check_interval={every}",
             "model.global_batch_size=2", "model.micro_batch_size=1", f"model.optim.lr={lr}",
             "model.optim.sched.warmup_steps=2", f"model.optim.sched.min_lr={lr / 10}",
-            f"data.train_samples={max(32, 2 * steps)}", f"data.eval_text={eval_text}",
-            "data.eval_samples=8", "trainer.resume=false", "trainer.log_every_n_steps=0",
+            f"data.train_samples={max(32, 2 * max(steps))}", f"data.eval_text={eval_text}",
+            "data.eval_samples=8", "trainer.resume=false", f"trainer.log_every_n_steps={every}",
             f"run.output_dir={out}"]
     if mode != "fp32":
         args.append(f"model.quantization={recipe}")
     args += MODES[mode]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "qat.py"), *args], check=True,
-                   env=env, cwd=ROOT)
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "qat.py"), *args], check=True,
+                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return json.loads((out / "summary.json").read_text())
+
+
+def budget_rows(recipe: str, mode: str, steps: list[int], s: dict) -> list[dict]:
+    """One table row per requested budget from a run's summary (its ``val`` evaluations)."""
+    val = {v["step"]: v for v in s["val"]}
+    rows = []
+    for k in steps:
+        e = dict(s["eval"], loss_trained=val[k]["loss"], ppl_trained=val[k]["ppl"])
+        rows.append({"recipe": "-" if mode == "fp32" else recipe, "steps": k, "mode": mode,
+                     "eval": e, "wall_s": {"total": s["wall_s"]["setup"] + val[k]["train_s"]}})
+    return rows
 
 
 def recovered(ptq: float, trained: float, fp: float) -> float:
@@ -94,31 +115,60 @@ def main() -> None:
     ap.add_argument("--lsq", action="store_true", help="also qat+lsq and qad+lsq")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--jobs", type=int, default=1, help="configurations run at a time")
+    ap.add_argument("--out", type=Path, help="keep each run's directory and log here "
+                    "(default: a temporary directory)")
+    ap.add_argument("--collect", type=Path, help="only build the table from the runs kept in "
+                    "this --out directory (runs started separately, e.g. as memory allowed)")
     ap.add_argument("--no-append", action="store_true")
     a = ap.parse_args()
     from megaquant.demo.ood_text import python_docs_text
 
     eval_text = python_docs_text()
     modes = a.modes + (["qat+lsq", "qad+lsq"] if a.lsq else [])
+    steps = sorted(set(a.steps))
+    if a.collect is not None:
+        return report(a, eval_text, collect(a.collect, steps), None)
+    configs = [("-", "fp32")] if "fp32" in modes else []  # the control ignores the recipe
+    configs += [(r, m) for r in a.recipes for m in modes if m != "fp32"]
     rows, t0 = [], time.time()
-    with tempfile.TemporaryDirectory(prefix="qat_ood_") as tmp:
-        for steps in a.steps:
-            done_fp32 = False
-            for recipe in a.recipes:
-                for mode in modes:
-                    if mode == "fp32" and done_fp32:
-                        continue  # the control does not depend on the recipe
-                    s = run_one(a.model, recipe, mode, steps, eval_text,
-                                Path(tmp) / f"{recipe}_{mode}_{steps}", a.seq, a.lr)
-                    rows.append({"recipe": "-" if mode == "fp32" else recipe, "steps": steps,
-                                 "mode": mode, "eval": s["eval"], "wall_s": s["wall_s"]})
-                    done_fp32 |= mode == "fp32"
-                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+    with tempfile.TemporaryDirectory(prefix="qat_ood_") as tmp, \
+            concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        tmp = a.out or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        runs = {(r, m): pool.submit(run_one, a.model, a.recipes[0] if r == "-" else r, m, steps,
+                                    eval_text, Path(tmp) / f"{r}_{m}".replace("-", "x"),
+                                    a.seq, a.lr)
+                for r, m in configs}
+        for (r, m), fut in runs.items():
+            rows += budget_rows(r, m, steps, fut.result())
+            print("\n".join(table(rows[-len(steps):]).splitlines()[2:]), flush=True)
+    report(a, eval_text, rows, time.time() - t0)
+
+
+def collect(out: Path, steps: list[int]) -> list[dict]:
+    """Table rows from the ``<recipe>_<mode>/summary.json`` run directories under ``out``."""
+    rows = []
+    for summary in sorted(out.glob("*/summary.json")):
+        recipe, _, mode = summary.parent.name.rpartition("_")
+        rows += budget_rows("-" if recipe == "x" else recipe, mode, steps,
+                            json.loads(summary.read_text()))
+    return rows
+
+
+def report(a, eval_text: Path, rows: list[dict], wall: float | None) -> None:
+    """Print the table (fp32 control first at each budget) and append it to RESULTS.md."""
+    order = list(MODES)
+    rows.sort(key=lambda r: (r["steps"], r["recipe"] != "-", r["recipe"], order.index(r["mode"])))
+    total = "" if wall is None else f"; total wall {wall:.0f} s"
     head = (f"## QAT / QAD out of domain (train: Shakespeare plays, eval: Python docs "
             f"{eval_text.name}) - {time.strftime('%a %b %d %H:%M:%S %Y UTC', time.gmtime())}\n\n"
             f"machine: {platform.machine()}, nproc {os.cpu_count()}, python "
             f"{platform.python_version()}; model {a.model}, {a.seq} tokens x 2 a step, lr "
-            f"{a.lr}; total wall {time.time() - t0:.0f} s\n\n")
+            f"{a.lr}; " + (f"{a.jobs} run(s) at a time" if wall is not None else
+                           f"runs collected from {a.collect}") + ", OMP_NUM_THREADS "
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}{total}; "
+            f"load average at the end {os.getloadavg()[0]:.1f}\n\n")
     text = head + table(rows) + "\n"
     print(text)
     if not a.no_append:

@@ -91,12 +91,16 @@ def _min_numel() -> int:
     return int(os.environ.get("MEGAQUANT_COMPILE_MIN_NUMEL", _DEFAULT_MIN_NUMEL))
 
 
-def use_compiled(x: Tensor) -> bool:
-    """Whether a kernel call on ``x`` should take the compiled path (see module docstring)."""
+def use_compiled(x: Tensor, min_numel: int | None = None) -> bool:
+    """Whether a kernel call on ``x`` should take the compiled path (see module docstring).
+
+    ``min_numel``: a lower size threshold for ``auto`` than ``MEGAQUANT_COMPILE_MIN_NUMEL``
+    (the learnable-scale kernels, whose eager form costs several passes, use one)."""
     if torch.compiler.is_compiling():
         return False  # already inside a user's torch.compile region: inline the eager math
     mode = kernel_mode()
-    return x.numel() > 0 and (mode == "compiled" or (mode == "auto" and x.numel() >= _min_numel()))
+    least = _min_numel() if min_numel is None else min(min_numel, _min_numel())
+    return x.numel() > 0 and (mode == "compiled" or (mode == "auto" and x.numel() >= least))
 
 
 def _get_compiled(kernel: Callable) -> Callable:

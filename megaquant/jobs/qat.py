@@ -99,6 +99,60 @@ def resolve_init_from(path: str | None) -> Path | None:
     return p
 
 
+# GPTConfig fields a teacher may differ in: they change neither the shapes nor the vocabulary
+TEACHER_FREE_FIELDS = ("name", "seq_length", "params_dtype", "init_method_std", "hidden_dropout",
+                       "attention_dropout", "max_position_embeddings", "hf_family")
+
+
+def load_teacher_source(path: str, student, seq: int):
+    """``model.distill.teacher`` -> a LoadedModel, refused unless it fits the student.
+
+    The KL compares the two next-token distributions position by position, so the teacher must
+    read the same token ids (same tokenizer and vocabulary) and, because it is built and
+    sharded exactly like the student (same TP/EP layout, same layer code), have the same
+    architecture. A quantized megaquant checkpoint is refused: QAD distils from full precision.
+    """
+    from megaquant.megatron.checkpoint import read_metadata
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        source = "hf"
+    elif (p / "megaquant.json").exists() or (p / "checkpoint" / "megaquant.json").exists():
+        p = p if (p / "megaquant.json").exists() else p / "checkpoint"
+        source = "megatron"
+        recipe = read_metadata(p).get("metadata", {}).get("recipe")
+        if recipe is not None:
+            raise ValueError(f"model.distill.teacher={path!r} is a quantized checkpoint (recipe "
+                             f"{recipe!r}); the teacher must be unquantized: give the Hugging "
+                             "Face directory it came from, or null (the student's own starting "
+                             "weights)")
+    else:
+        raise ValueError(f"model.distill.teacher={path!r} is neither a Hugging Face model "
+                         "directory (config.json) nor a megaquant checkpoint (megaquant.json); "
+                         "use one of those, or null (the student's own starting weights)")
+    teacher = load_model_source({"source": source, "path": str(p), "seq_length": seq})
+    check_teacher_fits(vars(student.arch), vars(teacher.arch), path)
+    probe = "Distillation compares token ids: def f(x): return x ** 2  # 3.14"
+    if teacher.tokenizer.encode(probe) != student.tokenizer.encode(probe):
+        raise ValueError(f"model.distill.teacher={path!r} tokenizes text differently from the "
+                         "student model: the KL needs the same token ids; use a teacher with "
+                         "the student's tokenizer")
+    return teacher
+
+
+def check_teacher_fits(student: dict, teacher: dict, path: str) -> None:
+    """Refuse a teacher architecture that differs from the student's, naming each field."""
+    diff = {k: (student.get(k), teacher.get(k)) for k in sorted(set(student) | set(teacher))
+            if k not in TEACHER_FREE_FIELDS and student.get(k) != teacher.get(k)}
+    if diff:
+        listed = ", ".join(f"{k}: teacher {t}, student {s}" for k, (s, t) in diff.items())
+        raise ValueError(f"model.distill.teacher={path!r} has another architecture than the "
+                         f"student model ({listed}); the teacher must have the student's "
+                         "architecture (same layers, sizes and vocabulary), e.g. the unquantized "
+                         "or fine-tuned version of the same model, or be null (the student's own "
+                         "starting weights)")
+
+
 def _settings(cfg: DictConfig):
     from megaquant.integrations.nemo import recipe_dict
 
@@ -175,6 +229,9 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
     loaded.arch.check_tensor_parallel(int(par.tp))
     loaded.arch.check_expert_parallel(int(par.ep))
     check_pipeline_support(loaded.arch, par)
+    teacher_source = None
+    if distill.enabled and distill.teacher is not None:  # before any heavy work
+        teacher_source = load_teacher_source(distill.teacher, loaded, int(model_cfg["seq_length"]))
     groups = init_model_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
                                  seed=int(cfg.run.seed))
     batch.micro_batches_per_rank(groups.dp)  # also what keeps EP ranks' token exchanges paired
@@ -186,10 +243,15 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
         calib, evals = _even_over_dp(calib, groups.dp), _even_over_dp(evals, groups.dp)
     teacher = None
     if distill.enabled:
-        # same weights and stage split (its activations travel with the student's under PP),
-        # quantizers stay off
-        teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed), stage=stage)
-        teacher.load_state_dict(model.state_dict(), strict=True)
+        # built and staged like the student (its activations travel with the student's under
+        # PP), quantizers off: the student's own starting weights, or model.distill.teacher
+        # (checked against the student above)
+        if teacher_source is None:
+            teacher = build_model(loaded, groups, "spec", seed=int(cfg.run.seed), stage=stage)
+            teacher.load_state_dict(model.state_dict(), strict=True)
+        else:
+            teacher = build_model(teacher_source, groups, "spec", seed=int(cfg.run.seed),
+                                  stage=stage)
         teacher.eval().requires_grad_(False)
     evaluate = lambda m: evaluate_loss(m, evals, groups.dp_group)  # noqa: E731
     losses = {"fp": evaluate(model)}
@@ -197,6 +259,8 @@ def _run_locked(cfg, env, t0, model_cfg, recipe, trainer, optim, distill, batch,
                                                                groups.dp_group),
                           dp_group=groups.dp_group, init_from=init_from)
     losses["ptq"] = evaluate(model) if recipe is not None else losses["fp"]
+    if is_rank0():  # before training: a run stopped early still shows its starting point
+        log.info("eval loss before training: fp %.4f | ptq %.4f", losses["fp"], losses["ptq"])
 
     precision = resolve_precision(trainer.precision, torch.cuda.is_available(),
                                   torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -252,5 +316,10 @@ def _summary(cfg, recipe, distill, groups, env, precision, losses, records, star
                 {f"ppl_{k}": _ppl(v) for k, v in losses.items()},
         "train_losses": [r["loss"] for r in records],
         "tokens_per_s": [r["tokens_per_s"] for r in records],
+        # evaluations during training (trainer.val_check_interval): step, eval loss, and the
+        # training seconds up to that step (evaluations excluded), for budget curves from one run
+        "val": [{"step": r["step"], "loss": r["val_loss"], "ppl": _ppl(r["val_loss"]),
+                 "train_s": sum(q["step_s"] for q in records[:i + 1])}
+                for i, r in enumerate(records) if "val_loss" in r],
         "wall_s": wall,
     }

@@ -68,17 +68,21 @@ class DistillConfig:
 
     The KL is KL(teacher || student) of the next-token distributions at ``temperature``
     (scaled by temperature**2, Hinton et al., so gradients keep their size as it changes);
-    the teacher is the unquantized model with the same weights it started from.
+    the teacher is the unquantized model with the same weights it started from, or, with
+    ``teacher`` set, an unquantized checkpoint of the same architecture (a directory: a Hugging
+    Face LLaMA-family model, or a megaquant checkpoint written without a recipe).
     """
 
     enabled: bool = False
     kl_weight: float = 1.0
     lm_weight: float = 0.0
     temperature: float = 1.0
+    teacher: str | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"model.distill.temperature must be > 0, got {self.temperature}")
+        if not self.temperature > 0:
+            raise ValueError(f"model.distill.temperature must be > 0 (1.0: the plain KL; "
+                             f"larger values soften both distributions), got {self.temperature}")
         if self.enabled and self.kl_weight == 0 and self.lm_weight == 0:
             raise ValueError("model.distill: kl_weight and lm_weight are both 0: nothing to train")
 

@@ -38,7 +38,8 @@ def train(model: nn.Module, optimizer, ctx: StepContext, *, trainer: TrainerConf
     for step in range(start_step, end):
         t0 = time.perf_counter()
         rec = train_step(model, optimizer, step, lr_at(step, trainer.max_steps, optim), ctx)
-        rec.update(step=step + 1, tokens_per_s=rec["tokens"] / (time.perf_counter() - t0))
+        step_s = time.perf_counter() - t0
+        rec.update(step=step + 1, step_s=step_s, tokens_per_s=rec["tokens"] / step_s)
         done = step + 1
         if evaluate is not None and trainer.val_check_interval and \
                 done % trainer.val_check_interval == 0:

@@ -169,3 +169,39 @@ def test_export_codes_of_learned_blocks_decode_to_the_forward(name):
     fixed = fmt.fake_quantize(x, amax) if amax is not None else fmt.fake_quantize(x)
     assert not torch.equal(ran, fixed)  # the learned blocks matter
     assert torch.equal(fmt.dequantize(quantize_learned(fmt, x, amax, blocks)), ran)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("name,per_block,dtype,shape", [
+    ("nvfp4", False, torch.float32, (6, 256)), ("nvfp4", True, torch.float32, (6, 256)),
+    ("nvfp4", False, torch.bfloat16, (3, 2, 40)), ("int4", True, torch.float32, (4, 300))])
+def test_fused_path_equals_the_eager_autograd_chain(monkeypatch, mode, name, per_block, dtype,
+                                                    shape):
+    """The fused NVFP4/INT4 Function (eager kernels, or compiled ones) against the eager LSQ
+    chain: the same values bit for bit, gradients equal up to float32 summation order."""
+    from megaquant.formats import fused
+    from megaquant.formats.lsq import learnable_fake_quantize_eager
+
+    monkeypatch.setenv("MEGAQUANT_KERNEL", mode)
+    fused.reset()
+    fmt = get_format(name)
+    x = _data(shape, seed=5).to(dtype)
+    w = _data(shape, seed=6)
+    amax = fmt.compute_amax(x) * 0.3 if fmt.needs_amax else None  # saturating block scales
+    blocks = initial_block_amax(fmt, x) * 0.9 if per_block else None
+    grads = []
+    for fn in (learnable_fake_quantize, learnable_fake_quantize_eager):
+        xs = x.clone().requires_grad_(True)
+        a = None if amax is None else amax.clone().requires_grad_(True)
+        b = None if blocks is None else blocks.clone().requires_grad_(True)
+        out = fn(fmt, xs, a, b)
+        (out.float() * w).sum().backward()
+        grads.append((out, xs.grad, a if a is None else a.grad, b if b is None else b.grad))
+    (out, gx, ga, gb), (ref, rx, ra, rb) = grads
+    assert out.dtype == dtype and torch.equal(out, ref)
+    assert torch.allclose(gx.float(), rx.float(), rtol=1e-2 if dtype != torch.float32 else 0,
+                          atol=1e-6)
+    if ga is not None:
+        assert ra.abs() > 0 and ga == pytest.approx(float(ra), rel=1e-4)
+    if gb is not None:
+        assert torch.allclose(gb, rb, rtol=1e-4, atol=1e-6) and rb.abs().sum() > 0

@@ -30,6 +30,9 @@ def test_lr_schedule_linear_and_constant():
     (OptimConfig.from_dict, {"sched": {"warmup": 3}}, r"model.optim.sched.*warmup_steps"),
     (OptimConfig.from_dict, {"name": "sgd"}, "adamw"),
     (DistillConfig.from_dict, {"temp": 2}, r"model.distill.*temperature"),
+    (DistillConfig.from_dict, {"temperature": 0}, r"model.distill.temperature must be > 0"),
+    (DistillConfig.from_dict, {"temperature": -1.5}, r"model.distill.temperature must be > 0"),
+    (DistillConfig.from_dict, {"enabled": True, "kl_weight": 0}, r"both 0: nothing to train"),
 ])
 def test_configs_reject_bad_keys_naming_valid_ones(maker, values, message):
     with pytest.raises(ValueError, match=message):
