@@ -61,12 +61,20 @@ def unsharded_amax(model, rename=lambda name: name) -> dict:
 TWO_RANK_LAYOUTS = (("tp2", 2, False), ("tp2_sp", 2, True), ("dp2", 1, False))  # (name, tp, sp)
 
 
-def tiny_full_state(seed: int = 0) -> dict:
-    """The TP=1 state dict of a freshly seeded tiny GPT: the weights every layout starts from."""
+def tiny_full_state(seed: int = 0, rotatable: bool = False) -> dict:
+    """The TP=1 state dict of a freshly seeded tiny GPT: the weights every layout starts from.
+
+    ``rotatable``: the tied-embedding variant with non-trivial norm gammas (0.5..1.5), so the
+    rotation tests exercise folding the norms into the linears."""
     from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
 
     torch.manual_seed(seed)
-    model = build_gpt_model(tiny_gpt_config(), tp_size=1)
+    model = build_gpt_model(tiny_gpt_config(tie_embeddings=rotatable), tp_size=1)
+    if rotatable:
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.data.copy_(0.5 + torch.rand(p.shape, generator=g))
     return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 

@@ -172,8 +172,17 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
             s.count += x.shape[0]
         return hook
 
-    handles = [layer.register_forward_pre_hook(hook_for(n, layer), with_kwargs=True)
-               for n, layer in layers]
+    forward_with_hooks(model, forward_loop, [(layer, hook_for(n, layer)) for n, layer in layers],
+                       quantized)
+    _sync_stats(stats, layers, dp_group, full_input, hessian)
+    return stats
+
+
+def forward_with_hooks(model: nn.Module, forward_loop: Callable, hooks: list, quantized: bool):
+    """Run ``forward_loop(model)`` once with ``hooks`` ((module, pre-hook taking kwargs) pairs)
+    attached, quantizers on only when ``quantized``; hooks and quantizer modes are restored even
+    when the loop raises (a calibration error must not leave the model half-instrumented)."""
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) for m, fn in hooks]
     modes = {} if quantized else disable_quantizers(model)
     try:
         forward_loop(model)
@@ -181,8 +190,6 @@ def capture_inputs(model: nn.Module, forward_loop: Callable, layers: list[tuple[
         enable_quantizers(model, modes)
         for h in handles:
             h.remove()
-    _sync_stats(stats, layers, dp_group, full_input, hessian)
-    return stats
 
 
 def as_gemm_input(layer: nn.Module, x: torch.Tensor, quantized: bool) -> torch.Tensor:

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from megaquant.calib.capture import all_reduce
+from megaquant.calib.capture import all_reduce, forward_with_hooks
 from megaquant.nn.attention import QuantCoreAttentionMixin
-from megaquant.quantizer import disable_quantizers, enable_quantizers
 
 
 def searched_attentions(model) -> list:
@@ -58,15 +57,8 @@ def _observe(model, attns, forward_loop, fn) -> None:
                 fn(i, role, x.detach().float())
         return hook
 
-    handles = [a.register_forward_pre_hook(hook_for(i, a), with_kwargs=True)
-               for i, a in enumerate(attns)]
-    modes = disable_quantizers(model)
-    try:
-        forward_loop(model)
-    finally:
-        enable_quantizers(model, modes)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, forward_loop, [(a, hook_for(i, a)) for i, a in enumerate(attns)],
+                       quantized=False)
 
 
 def _reduce(t: torch.Tensor, attns, dp_group, op: str) -> torch.Tensor:

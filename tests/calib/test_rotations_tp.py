@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
+from tests.sharding import tiny_full_state
 
 RECIPE = "nvfp4_mrgptq"
 SEQ = 16
@@ -42,18 +43,6 @@ SEQ = 16
 def _batches(n, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
-
-
-def _tiny_full_state():
-    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
-
-    torch.manual_seed(0)
-    model = build_gpt_model(tiny_gpt_config(tie_embeddings=True), tp_size=1)
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():  # non-trivial gammas: folding is exercised
-        if "layernorm" in name:
-            p.data.copy_(0.5 + torch.rand(p.shape, generator=g))
-    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def _gather_rows(t, group):
@@ -111,7 +100,7 @@ def _compare(got, want, where, loss_tol):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_mrgptq_recipe_tp2_matches_single_process(megatron_single):
-    full = _tiny_full_state()
+    full = tiny_full_state(rotatable=True)
     ref = _tiny_run(megatron_single, 1, full)
     assert not torch.equal(ref["emb"], ref["out"])  # untied by the rotation
     for rank, (got, got_sp, got_dp) in enumerate(run_ranks(_tiny_tp2, 2, (full,),

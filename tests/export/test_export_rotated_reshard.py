@@ -23,20 +23,9 @@ import yaml
 
 from tests.distributed_utils import run_ranks
 from tests.export.export_helpers import batches
+from tests.sharding import tiny_full_state
 
 RECIPE = "nvfp4_mrgptq"
-
-
-def _full_state() -> dict:
-    from megaquant.models.gpt import build_gpt_model, tiny_gpt_config
-
-    torch.manual_seed(0)
-    model = build_gpt_model(tiny_gpt_config(tie_embeddings=True), tp_size=1)
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():  # non-trivial gammas: folding is exercised
-        if "layernorm" in name:
-            p.data.copy_(0.5 + torch.rand(p.shape, generator=g))
-    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 @torch.no_grad()
@@ -118,7 +107,7 @@ def _close(got, want, what):
 def test_rotated_checkpoint_reshards_and_exports_as_at_tp1(megatron_single, tmp_path):
     from megaquant.export import export_checkpoint
 
-    full = _full_state()
+    full = tiny_full_state(rotatable=True)
     ckpt1, ckpt2 = str(tmp_path / "tp1"), str(tmp_path / "tp2")
     logits1, amax = _quantize_and_save(megatron_single, 1, full, ckpt1)
     res = run_ranks(_tp2, 2, (full, ckpt2, ckpt1, amax), timeout_s=420)
