@@ -90,9 +90,12 @@ def test_qad_job_distils_from_the_given_teacher(tmp_path, megatron_single):
     from megaquant.jobs.ptq import build_model
     from megaquant.jobs.qat import run
     from megaquant.megatron.checkpoint import save_checkpoint
+    from megaquant.megatron.dist import init_model_parallel
 
     loaded = load_model_source({"source": "random", "arch": TINY, "seq_length": 32})
-    model = build_model(loaded, megatron_single, "spec", seed=1234)
+    # seeded as the job seeds (run.seed=1234), not from whatever RNG state earlier tests left
+    groups = init_model_parallel(1, 1, 1, seed=1234)
+    model = build_model(loaded, groups, "spec", seed=1234)
     meta = {"arch": dict(vars(loaded.arch)), "recipe": None, "tokenizer": "bytes"}
     same = save_checkpoint(model, tmp_path / "same", metadata=meta)
     with torch.no_grad():  # tied embeddings: this also halves the teacher's logits
