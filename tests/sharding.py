@@ -61,6 +61,13 @@ def unsharded_amax(model, rename=lambda name: name) -> dict:
 TWO_RANK_LAYOUTS = (("tp2", 2, False), ("tp2_sp", 2, True), ("dp2", 1, False))  # (name, tp, sp)
 
 
+def random_batches(n: int, seed: int, seq: int = 16) -> list[torch.Tensor]:
+    """``n`` batches of 2 x (seq + 1) token ids of the tiny GPT's 256-token vocabulary (inputs
+    and next-token labels), drawn from their own generator so every rank and layout sees them."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (2, seq + 1), generator=g) for _ in range(n)]
+
+
 def tiny_full_state(seed: int = 0, rotatable: bool = False) -> dict:
     """The TP=1 state dict of a freshly seeded tiny GPT: the weights every layout starts from.
 

@@ -12,21 +12,16 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
+from tests.sharding import random_batches
 
-SEQ = 16
 FORMATS = ("nvfp4", "fp8", "none")
-
-
-def _batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
 
 
 def _search(model, groups, bits=6.0, formats=FORMATS, compare=False, **kw):
     from megaquant.auto.search import AutoConfig, search
     from megaquant.evaluate import run_forward
 
-    batches = _batches(4, 1)
+    batches = random_batches(4, 1)
     calib = [b[:, :-1] for b in batches]
     return search(model, AutoConfig(formats=formats, effective_bits=bits, **kw),
                   lambda m: run_forward(m, calib, "calib", groups.dp_group), batches,
@@ -76,7 +71,7 @@ def test_search_recipe_is_the_optimum_of_its_scores_within_budget(megatron_singl
     # The recipe quantizes each group in the format chosen for it (the tiny model is random,
     # so its losses say nothing about quality: that comparison is the SmolLM2 benchmark's).
     model = _tiny()
-    calib = [b[:, :-1] for b in _batches(4, 1)]
+    calib = [b[:, :-1] for b in random_batches(4, 1)]
     megaquant.quantize(model, res.recipe,
                        lambda m: run_forward(m, calib, "c", megatron_single.dp_group),
                        dp_group=megatron_single.dp_group)
@@ -84,7 +79,7 @@ def test_search_recipe_is_the_optimum_of_its_scores_within_budget(megatron_singl
     for g in table:
         fmt = layers[g["modules"]].weight_quantizer.fmt
         assert (fmt.name if fmt is not None else "none") == g["format"], g["modules"]
-    assert evaluate_loss(model, _batches(2, 2), megatron_single.dp_group) > 0
+    assert evaluate_loss(model, random_batches(2, 2), megatron_single.dp_group) > 0
 
 
 def test_search_is_deterministic(megatron_single):
@@ -136,7 +131,7 @@ def test_search_candidate_algorithm_runs_on_the_groups_that_chose_it(megatron_si
     path.write_text(yaml.safe_dump(res.recipe, sort_keys=False))
     assert load_recipe(str(path)).to_dict() == load_recipe(res.recipe).to_dict()
 
-    calib = [b[:, :-1] for b in _batches(4, 1)]
+    calib = [b[:, :-1] for b in random_batches(4, 1)]
     loop = lambda m: run_forward(m, calib, "c", megatron_single.dp_group)  # noqa: E731
     models = {}
     for key, recipe in (("dict", res.recipe), ("yaml", str(path)), ("alone", "nvfp4_gptq")):
@@ -164,7 +159,7 @@ def test_kl_score_replayed_prefix_equals_full_forwards(megatron_single):
     from megaquant.auto.search import AutoConfig, _calibrate_candidates, _candidates
     from megaquant.evaluate import run_forward
 
-    model, batches = _tiny(), _batches(2, 3)
+    model, batches = _tiny(), random_batches(2, 3)
     cfg = AutoConfig(formats=("nvfp4_gptq", "fp8", "none"), effective_bits=6.0)
     calib = [b[:, :-1] for b in batches]
     snaps, _, converted = _calibrate_candidates(
@@ -211,7 +206,7 @@ def test_fisher_and_output_scores_match_a_float64_reference(megatron_single):
     from megaquant.auto.search import AutoConfig, _calibrate_candidates, _candidates
     from megaquant.evaluate import run_forward
 
-    model, batches = _tiny(), _batches(2, 3)
+    model, batches = _tiny(), random_batches(2, 3)
     cfg = AutoConfig(formats=("nvfp4", "fp8_per_channel", "none"), effective_bits=6.0)
     calib = [b[:, :-1] for b in batches]
     snaps, _, converted = _calibrate_candidates(

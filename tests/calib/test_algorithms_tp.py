@@ -13,18 +13,12 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
-from tests.sharding import on_two_rank_layouts, tiny_full_state
+from tests.sharding import on_two_rank_layouts, random_batches, tiny_full_state
 
 INT4 = {"name": "int4_32",
         "rules": [{"modules": "*", "weight": {"format": "int4", "block_size": 32}}]}
 RECIPES = {"int8_sq": "int8_sq", "int4_awq": INT4 | {"calib": "awq"}, "nvfp4_mse": "nvfp4_mse",
            "nvfp4_gptq": "nvfp4_gptq"}
-SEQ = 16
-
-
-def _batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
 
 
 def _quantize_all(groups, tp, sp, full_state):
@@ -32,7 +26,7 @@ def _quantize_all(groups, tp, sp, full_state):
     from tests.nn.test_tp_invariance import _full_amax
     from tests.sharding import quantized_tiny_shard
 
-    calib, evals = [b[:, :-1] for b in _batches(4, 1)], _batches(2, 2)
+    calib, evals = [b[:, :-1] for b in random_batches(4, 1)], random_batches(2, 2)
     results = {}
     for key, recipe in RECIPES.items():
         model = quantized_tiny_shard(groups, tp, sp, full_state, recipe, calib)

@@ -34,15 +34,9 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
-from tests.sharding import tiny_full_state
+from tests.sharding import random_batches, tiny_full_state
 
 RECIPE = "nvfp4_mrgptq"
-SEQ = 16
-
-
-def _batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
 
 
 def _gather_rows(t, group):
@@ -62,7 +56,7 @@ def _tiny_run(groups, tp, full, sp=False):
     from megaquant.spec import get_spec_provider
     from tests.sharding import shard_state_dict, unsharded_amax
 
-    calib, evals = [b[:, :-1] for b in _batches(3, 1)], _batches(2, 2)
+    calib, evals = [b[:, :-1] for b in random_batches(3, 1)], random_batches(2, 2)
     model = build_gpt_model(tiny_gpt_config(tie_embeddings=True), get_spec_provider("local"),
                             tp_size=tp, sequence_parallel=sp)
     shard_state_dict(model, full, groups.tp_rank, tp)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
-from tests.sharding import on_two_rank_layouts, tiny_full_state
+from tests.sharding import on_two_rank_layouts, random_batches, tiny_full_state
 
 RECIPES = {
     "fp8_kv_only": {"name": "fp8_kv_only", "rules": [], "kv_cache": {"format": "fp8"}},
@@ -23,19 +23,13 @@ RECIPES = {
                       "rules": [{"modules": "*", "weight": {"format": "nvfp4"},
                                  "input": {"format": "nvfp4"}}]},
 }
-SEQ = 16
-
-
-def _batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
 
 
 def _quantize_all(groups, tp, sp, full_state):
     from megaquant.evaluate import evaluate_loss
     from tests.sharding import quantized_tiny_shard, unsharded_amax
 
-    calib, evals = [b[:, :-1] for b in _batches(4, 1)], _batches(2, 2)
+    calib, evals = [b[:, :-1] for b in random_batches(4, 1)], random_batches(2, 2)
     out = {}
     for name, recipe in RECIPES.items():
         model = quantized_tiny_shard(groups, tp, sp, full_state, recipe, calib)

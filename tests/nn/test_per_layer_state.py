@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed_utils import run_ranks
-from tests.sharding import tiny_full_state
+from tests.sharding import random_batches, tiny_full_state
 
 MIXED = {
     "version": 2, "name": "mixed_test",
@@ -23,12 +23,6 @@ MIXED = {
         {"modules": "decoder.layers.0.mlp.linear_fc2", "weight": None, "input": None},
     ],
 }
-SEQ = 16
-
-
-def _batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
 
 
 def _save_quantized(full_state, ckpt, tp):
@@ -44,11 +38,11 @@ def _save_quantized(full_state, ckpt, tp):
     groups = init_model_parallel(tp=tp)
     model = build_gpt_model(tiny_gpt_config(), get_spec_provider("local"), tp_size=tp)
     shard_state_dict(model, full_state, groups.tp_rank, tp)
-    calib = [b[:, :-1] for b in _batches(4, 1)]
+    calib = [b[:, :-1] for b in random_batches(4, 1)]
     megaquant.quantize(model, MIXED, lambda m: run_forward(m, calib, "calib", groups.dp_group),
                        dp_group=groups.dp_group)
     save_checkpoint(model, ckpt, metadata={"recipe_config": MIXED})
-    return {"loss": evaluate_loss(model, _batches(2, 2), groups.dp_group),
+    return {"loss": evaluate_loss(model, random_batches(2, 2), groups.dp_group),
             "amax": unsharded_amax(model)}
 
 
@@ -71,7 +65,7 @@ def _load_and_compare(saved, ckpt, group):
     assert got.keys() == saved["amax"].keys()
     for k in got:
         assert torch.equal(got[k], saved["amax"][k]), k
-    assert abs(evaluate_loss(model, _batches(2, 2), group) - saved["loss"]) < 1e-4
+    assert abs(evaluate_loss(model, random_batches(2, 2), group) - saved["loss"]) < 1e-4
 
 
 def test_mixed_recipe_marks_only_differing_stacks(megatron_single):

@@ -13,15 +13,9 @@ import torch
 import yaml
 
 from tests.distributed_utils import run_ranks
-from tests.sharding import on_two_rank_layouts, tiny_full_state
+from tests.sharding import on_two_rank_layouts, random_batches, tiny_full_state
 
 RECIPES = ["nvfp4", "fp8_per_channel", "int8"]
-SEQ = 16
-
-
-def _batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (2, SEQ + 1), generator=g) for _ in range(n)]
 
 
 def _full_amax(model, tp_group):
@@ -39,7 +33,8 @@ def _quantize_all(groups, tp, sp, full_state):
     from tests.sharding import shard_state_dict
 
     cfg = tiny_gpt_config()
-    calib, evals = [b[:, :-1] for b in _batches(4, 1)], _batches(2, 2)  # SP: seq % tp == 0
+    # SP: seq % tp == 0
+    calib, evals = [b[:, :-1] for b in random_batches(4, 1)], random_batches(2, 2)
     results = {}
     for recipe in RECIPES:
         model = build_gpt_model(cfg, get_spec_provider("local"), tp_size=tp, sequence_parallel=sp)
@@ -84,13 +79,13 @@ def _save_quantized_tp2(full_state, ckpt, recipe):
     groups = init_model_parallel(tp=2)
     model = build_gpt_model(tiny_gpt_config(), get_spec_provider("local"), tp_size=2)
     shard_state_dict(model, full_state, groups.tp_rank, 2)
-    calib = [b[:, :-1] for b in _batches(4, 1)]
+    calib = [b[:, :-1] for b in random_batches(4, 1)]
     megaquant.quantize(model, recipe, lambda m: run_forward(m, calib, "calib", groups.dp_group),
                        dp_group=groups.dp_group)
     # As scripts/ptq.py does: the recipe mapping travels in the checkpoint metadata.
     recipe_config = yaml.safe_load((RECIPE_DIR / f"{recipe}.yaml").read_text())
     save_checkpoint(model, ckpt, metadata={"recipe_config": recipe_config})
-    return {"loss": evaluate_loss(model, _batches(2, 2), groups.dp_group),
+    return {"loss": evaluate_loss(model, random_batches(2, 2), groups.dp_group),
             "amax": _full_amax(model, groups.tp_group)}
 
 
@@ -112,5 +107,5 @@ def test_quantized_checkpoint_saved_at_tp2_loads_at_tp1(megatron_single, tmp_pat
         assert got.keys() == saved["amax"].keys() and got
         for k in got:
             assert torch.equal(got[k], saved["amax"][k]), (recipe, k)
-        loss = evaluate_loss(model, _batches(2, 2), megatron_single.dp_group)
+        loss = evaluate_loss(model, random_batches(2, 2), megatron_single.dp_group)
         assert abs(loss - saved["loss"]) < 1e-4, recipe
