@@ -62,12 +62,43 @@ def _ct_transform(group: dict):
 
 
 @torch.no_grad()
-def test_rotated_export_rebuilt_with_compressed_tensors_transforms_gives_fake_quant_logits(
-        exported, megatron_single):
+def _rebuild_from_ct(model, cfg, ct_dir, qc, plain_recipe: str):
+    """A fresh untied model holding the compressed-tensors export's weights, decoded by the
+    reference reader, quantized with the plain ``plain_recipe`` (no megaquant transform)."""
     from megaquant.models.gpt import build_gpt_model
     from megaquant.models.mapping import hf_to_megatron
     from megaquant.ptq import restore
 
+    sd = R.load_tensors(ct_dir)
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    shapes = {k: v.shape for k, v in fake_quant_hf_state(model, untied).items()}
+    hf = {k: v for k, v in sd.items() if k.endswith(".weight") and v.is_floating_point()}
+    for m in {k.rsplit(".", 1)[0] for k in sd if k.endswith("weight_packed")}:
+        hf[f"{m}.weight"] = R.ct_weight(sd, m, qc["config_groups"]["group_0"],
+                                        shapes[f"{m}.weight"])
+    rebuilt = build_gpt_model(untied, tp_size=1)
+    restore(rebuilt, plain_recipe)
+    rebuilt.load_state_dict(hf_to_megatron(hf, untied, 0, 1), strict=False)
+    return sd, rebuilt
+
+
+def _logits_error(model, rebuilt) -> float:
+    """Relative max logit error of ``rebuilt`` (weights already dequantized: weight quantizers
+    off; activation quantizers with the calibrated scales) against the fake-quant ``model``."""
+    src = dict(model.named_modules())
+    for name, layer in rebuilt.named_modules():
+        if hasattr(layer, "weight_quantizer"):
+            layer.weight_quantizer.configure(None, "off")
+            if layer.input_quantizer.is_enabled:
+                layer.input_quantizer.load_amax(src[name].input_quantizer.amax)
+    tokens = batches(1, 5)[0]
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    want, got = model(tokens, pos, None), rebuilt(tokens, pos, None)
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_rotated_export_rebuilt_with_compressed_tensors_transforms_gives_fake_quant_logits(
+        exported, megatron_single):
     model, cfg, d, report = exported
     assert report.untied and sorted(report.layouts) == ["compressed-tensors"]
     assert "block Hadamard" in report.skipped_layouts["modelopt"]
@@ -79,31 +110,14 @@ def test_rotated_export_rebuilt_with_compressed_tensors_transforms_gives_fake_qu
     assert group["head_dim"] == 16 and group["apply"][0]["location"] == "input"
     assert sorted(group["apply"][0]["targets"]) == [f"model.layers.{i}.mlp.down_proj"
                                                     for i in range(cfg.num_layers)]
-    sd = R.load_tensors(d / "compressed-tensors")
+    # plain NVFP4: no megaquant transform, no untying
+    sd, rebuilt = _rebuild_from_ct(model, cfg, d / "compressed-tensors", qc, "nvfp4")
     assert "lm_head.weight" in sd
-    untied = dataclasses.replace(cfg, tie_embeddings=False)
-    shapes = {k: v.shape for k, v in fake_quant_hf_state(model, untied).items()}
-    hf = {k: v for k, v in sd.items() if k.endswith(".weight") and v.is_floating_point()}
-    for m in {k.rsplit(".", 1)[0] for k in sd if k.endswith("weight_packed")}:
-        hf[f"{m}.weight"] = R.ct_weight(sd, m, qc["config_groups"]["group_0"],
-                                        shapes[f"{m}.weight"])
-    rebuilt = build_gpt_model(untied, tp_size=1)
-    restore(rebuilt, "nvfp4")  # plain NVFP4: no megaquant transform, no untying
-    rebuilt.load_state_dict(hf_to_megatron(hf, untied, 0, 1), strict=False)
     transform = _ct_transform(group)
     for name, layer in rebuilt.named_modules():
         if name.endswith("linear_fc2"):
             layer.input_transform = transform.forward  # a plain callable (see nn/local.py)
-        if hasattr(layer, "weight_quantizer"):
-            layer.weight_quantizer.configure(None, "off")  # weights are already dequantized
-    src = dict(model.named_modules())
-    for name, layer in rebuilt.named_modules():  # activation scales: the calibrated ones
-        if hasattr(layer, "input_quantizer") and layer.input_quantizer.is_enabled:
-            layer.input_quantizer.load_amax(src[name].input_quantizer.amax)
-    tokens = batches(1, 5)[0]
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    want, got = model(tokens, pos, None), rebuilt(tokens, pos, None)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert _logits_error(model, rebuilt) < 1e-4
 
 
 def test_modelopt_layout_refuses_an_online_transform(exported, tmp_path):
@@ -144,9 +158,6 @@ def test_rotated_exports_without_online_transform_give_fake_quant_logits(recipe,
     and INT4 W4A16 since issue-21), untied, and the rebuilt compressed-tensors export gives the
     fake-quant logits."""
     from megaquant.export import export_model
-    from megaquant.models.gpt import build_gpt_model
-    from megaquant.models.mapping import hf_to_megatron
-    from megaquant.ptq import restore
 
     model, cfg = quantized_tiny(recipe, megatron_single.dp_group, tie_embeddings=True, **arch)
     round_params_to_bf16(model)  # compressed-tensors NVFP4 is written in bfloat16 only: lossless
@@ -156,26 +167,9 @@ def test_rotated_exports_without_online_transform_give_fake_quant_logits(recipe,
     d = tmp_path / "x" / "compressed-tensors"
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
     assert qc["transform_config"] == {}
-    sd = R.load_tensors(d)
-    untied = dataclasses.replace(cfg, tie_embeddings=False)
-    shapes = {k: v.shape for k, v in fake_quant_hf_state(model, untied).items()}
-    hf = {k: v for k, v in sd.items() if k.endswith(".weight") and v.is_floating_point()}
-    for m in {k.rsplit(".", 1)[0] for k in sd if k.endswith("weight_packed")}:
-        hf[f"{m}.weight"] = R.ct_weight(sd, m, qc["config_groups"]["group_0"],
-                                        shapes[f"{m}.weight"])
-    rebuilt = build_gpt_model(untied, tp_size=1)
-    restore(rebuilt, "nvfp4" if recipe.startswith("nvfp4") else "int4_w4a16")
-    rebuilt.load_state_dict(hf_to_megatron(hf, untied, 0, 1), strict=False)
-    src = dict(model.named_modules())
-    for name, layer in rebuilt.named_modules():
-        if hasattr(layer, "weight_quantizer"):
-            layer.weight_quantizer.configure(None, "off")
-            if layer.input_quantizer.is_enabled:
-                layer.input_quantizer.load_amax(src[name].input_quantizer.amax)
-    tokens = batches(1, 5)[0]
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    want, got = model(tokens, pos, None), rebuilt(tokens, pos, None)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    plain = "nvfp4" if recipe.startswith("nvfp4") else "int4_w4a16"
+    _, rebuilt = _rebuild_from_ct(model, cfg, d, qc, plain)
+    assert _logits_error(model, rebuilt) < 1e-4
 
 
 def test_online_transform_only_modelopt_possible_is_refused_not_written_empty(exported, tmp_path):
